@@ -1,0 +1,154 @@
+"""JVP-safe attention for the FLUX student.
+
+No fused scaled-dot-product-attention kernel in PyTorch (flash, memory-efficient, cuDNN, the CPU
+flash kernel) defines a forward-mode derivative, so ``torch.func.jvp`` through stock FLUX fails with
+"Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu that does not support it".
+
+:class:`JVPFluxAttnProcessor` is FLUX's joint attention processor with the attention call made
+tangent-aware: ordinary forwards (teacher, the student's grad pass, sampling) keep the fast fused
+path; only when a forward-AD tangent is present does it switch to a JVP-capable implementation:
+
+* ``"chunked"`` (default): :class:`_AttentionWithJVP`, an autograd.Function whose primal is the fused
+  SDPA and whose tangent is computed in query chunks (O(chunk·N) memory instead of O(N²)):
+
+      O = P V,  P = softmax(S),  S = Q Kᵀ / √d
+      dS = (dQ Kᵀ + Q dKᵀ) / √d
+      dO = (P ⊙ dS) V − rowsum(P ⊙ dS) ⊙ O + P dV
+
+* ``"math"``: PyTorch's composite MATH SDPA backend (materialises the full score tensor and its
+  tangent; the reference implementation).
+
+A GPU flash-JVP kernel would slot in as a third implementation behind the same switch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+from torch import nn
+from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+JVP_IMPLEMENTATIONS = ("chunked", "math")
+
+
+def has_forward_tangent(tensor: torch.Tensor) -> bool:
+    """True inside ``torch.func.jvp`` (functorch-wrapped tensor) or for an ``autograd.forward_ad`` dual."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        return True
+    return forward_ad.unpack_dual(tensor).tangent is not None
+
+
+def _sdpa_bhnd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class _AttentionWithJVP(torch.autograd.Function):
+    """softmax(QKᵀ/√d)V on [B, H, N, D] tensors with a chunked forward-mode derivative."""
+
+    chunk_size = 1024
+
+    @staticmethod
+    def forward(q, k, v):
+        return _sdpa_bhnd(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        ctx.save_for_forward(q, k, v, output)
+        ctx.save_for_backward(q, k, v)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv):
+        q, k, v, out = ctx.saved_tensors
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        compute = torch.promote_types(q.dtype, torch.float32)
+        k_, v_ = k.to(compute), v.to(compute)
+        dk_ = torch.zeros_like(k_) if dk is None else dk.to(compute)
+        dv_ = torch.zeros_like(v_) if dv is None else dv.to(compute)
+        tangents = []
+        for start in range(0, q.shape[-2], _AttentionWithJVP.chunk_size):
+            sl = slice(start, start + _AttentionWithJVP.chunk_size)
+            q_c = q[..., sl, :].to(compute)
+            probs = torch.softmax(q_c @ k_.transpose(-1, -2) * scale, dim=-1)
+            d_scores = q_c @ dk_.transpose(-1, -2)
+            if dq is not None:
+                d_scores = d_scores + dq[..., sl, :].to(compute) @ k_.transpose(-1, -2)
+            p_ds = probs * (d_scores * scale)
+            d_out = p_ds @ v_ - p_ds.sum(-1, keepdim=True) * out[..., sl, :].to(compute) + probs @ dv_
+            tangents.append(d_out)
+        return torch.cat(tangents, dim=-2).to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+            out = _sdpa_bhnd(q_, k_, v_)
+        return torch.autograd.grad(out, (q_, k_, v_), grad_out)
+
+
+def jvp_safe_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: str = "chunked") -> torch.Tensor:
+    """Attention on diffusers' [B, N, H, D] layout that supports forward-mode AD."""
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if impl == "chunked":
+        out = _AttentionWithJVP.apply(q, k, v)
+    elif impl == "math":
+        with sdpa_kernel(SDPBackend.MATH):
+            out = _sdpa_bhnd(q, k, v)
+    else:
+        raise ValueError(f"unknown JVP attention implementation {impl!r}; choose from {JVP_IMPLEMENTATIONS}")
+    return out.transpose(1, 2)
+
+
+class JVPFluxAttnProcessor(FluxAttnProcessor):
+    """FLUX joint/single-stream attention that stays differentiable in forward mode (see module doc)."""
+
+    def __init__(self, jvp_impl: str = "chunked"):
+        super().__init__()
+        if jvp_impl not in JVP_IMPLEMENTATIONS:
+            raise ValueError(f"unknown JVP attention implementation {jvp_impl!r}; choose from {JVP_IMPLEMENTATIONS}")
+        self.jvp_impl = jvp_impl
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        # Projections, QK-norm and RoPE exactly as diffusers' FluxAttnProcessor (same helpers).
+        query, key, value, enc_query, enc_key, enc_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        heads = lambda t: t.unflatten(-1, (-1, attn.head_dim))
+        query, key, value = attn.norm_q(heads(query)), attn.norm_k(heads(key)), heads(value)
+        if attn.added_kv_proj_dim is not None:
+            query = torch.cat([attn.norm_added_q(heads(enc_query)), query], dim=1)
+            key = torch.cat([attn.norm_added_k(heads(enc_key)), key], dim=1)
+            value = torch.cat([heads(enc_value), value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if attention_mask is None and any(has_forward_tangent(t) for t in (query, key, value)):
+            hidden_states = jvp_safe_attention(query, key, value, self.jvp_impl)
+        else:
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                                  backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is None:
+            return hidden_states
+        n_text = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [n_text, hidden_states.shape[1] - n_text], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+def set_jvp_attention(transformer: nn.Module, jvp_impl: str = "chunked") -> None:
+    """Install :class:`JVPFluxAttnProcessor` on every FLUX attention layer of ``transformer``."""
+    count = 0
+    for module in transformer.modules():
+        if hasattr(module, "set_processor") and hasattr(module, "head_dim"):
+            module.set_processor(JVPFluxAttnProcessor(jvp_impl))
+            count += 1
+    if count == 0:
+        raise ValueError("no FLUX attention layers found to equip with JVP-safe attention")

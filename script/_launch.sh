@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Shared launcher for the training scripts: single-node defaults, GPU count from the machine,
+# DeepSpeed on GPUs, plain accelerate (gloo) on CPU. Usage: _launch.sh ENTRY.py [flags...]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}"
+ENTRY="$1"; shift
+NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+if [ "$NGPU" -eq 0 ]; then
+  export ACCELERATE_USE_CPU=true DS_ACCELERATOR=cpu   # CPU runs: gloo backend
+fi
+NPROC="${NPROC_PER_NODE:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 1)}"
+# Cluster convention of the original scripts: WORLD_SIZE = number of nodes, RANK = node rank.
+NNODES="${WORLD_SIZE:-1}"; NODE_RANK="${RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"
+unset WORLD_SIZE RANK LOCAL_RANK
+echo "[launch] $ENTRY on $NNODES node(s) x $NPROC process(es) (GPUs seen: $NGPU), master $MASTER_ADDR:$MASTER_PORT" >&2
+cd "$ROOT"
+exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$ENTRY" "$@"

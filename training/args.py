@@ -1,0 +1,126 @@
+"""Command-line flags shared by every trainer (sCM, MeanFlow, rescale); methods add their own."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from model.attention import JVP_IMPLEMENTATIONS
+
+
+def str2bool(value: str | bool) -> bool:
+    """argparse type for the original scripts' ``--flag=True|False`` style."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+def float_list(value: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {value!r}") from exc
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return out
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="FLUX pipeline: hub id (e.g. Freepik/flux.1-lite-8B) or local folder with model_index.json.")
+    g.add_argument("--revision", default=None, help="Hub revision of the pretrained pipeline.")
+    g.add_argument("--rescaled_checkpoint_path", default=None,
+                   help="Teacher weights adapted to time inputs in [0, 1]: .pt with a 'module' state dict, "
+                        ".safetensors, or a diffusers folder (script/rescale_teacher.sh makes one). Loaded into "
+                        "teacher and student. Required unless --timestep_scale 1000.")
+    g.add_argument("--timestep_scale", type=float, default=1.0,
+                   help="Factor applied to timestep and guidance before FLUX's sinusoidal embedding: 1 = rescaled "
+                        "(the paper's choice), 1000 = stock FLUX.")
+    g.add_argument("--jvp_attention", choices=JVP_IMPLEMENTATIONS, default="chunked",
+                   help="Forward-mode-AD attention used by the student during the JVP: 'chunked' (fused primal, "
+                        "tangent in query chunks, O(chunk*N) memory) or 'math' (PyTorch's MATH SDPA, O(N^2)).")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute transformer blocks in the backward pass of the student (the JVP pass is no-grad).")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None,
+                   help="Hub dataset name or local folder/file (parquet, jsonl, imagefolder). "
+                        "Default: brivangl/midjourney-v6-llava, as the original release.")
+    g.add_argument("--data_files", nargs="+", default=None, help="Data files/globs (parquet, jsonl, csv, arrow).")
+    g.add_argument("--data_dir", default=None, help="Local data directory (imagefolder or parquet shards).")
+    g.add_argument("--image_column", default="image", help="Column holding the images.")
+    g.add_argument("--caption_column", default="llava", help="Column holding the captions.")
+    g.add_argument("--resolution", type=int, default=512, help="Training resolution; multiple of 16 for FLUX.")
+    g.add_argument("--center_crop", type=str2bool, default=True, help="Centre crop (else seeded random crop).")
+    g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    g.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens per prompt.")
+    g.add_argument("--cache_dir", default=None, help="Cache folder for hub downloads.")
+    g.add_argument("--max_bad_sample_fraction", type=float, default=0.01,
+                   help="Stop with an error when more than this fraction of samples seen so far was unreadable.")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=8, help="Micro-batch per process.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g.add_argument("--learning_rate", type=float, default=1e-5, help="AdamW learning rate.")
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["constant", "constant_with_warmup", "linear", "cosine"], help="LR schedule.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the LR schedule.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="Gradient clipping norm; also written into the DeepSpeed config (the original's was ignored).")
+    g.add_argument("--max_train_steps", type=int, default=10_000, help="Optimizer steps to train for.")
+    g.add_argument("--seed", type=int, default=0, help="Random seed (0 is a seed like any other).")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="Autocast/weights precision; defaults to bf16 with --ds_file, else accelerate's setting.")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="Consecutive non-finite losses/gradients (each skipped) before the run saves and stops.")
+
+    g = p.add_argument_group("distributed")
+    g.add_argument("--ds_file", default=None,
+                   help="DeepSpeed JSON config (e.g. parallel_config/deepspeed_bf16_batch8.json); its micro-batch, "
+                        "accumulation and clipping are set from the flags above. Omit for plain accelerate (DDP).")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", required=True, help="Run folder: ckpts/, checkpoints/, logs/ go here.")
+    g.add_argument("--checkpointing_steps", type=int, default=1000,
+                   help="Every N steps: full resumable state in checkpoints/ and ckpts/transformer_<step>.pt.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N full checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' or a checkpoints/checkpoint-<step> folder: continue that run exactly.")
+    g.add_argument("--report_to", default="tensorboard",
+                   help="Trackers: tensorboard, wandb, all, or none.")
+    g.add_argument("--logging_steps", type=int, default=1, help="Log metrics every N steps.")
+    return p
+
+
+def validate_common_args(args: argparse.Namespace) -> None:
+    """Fail before any output is written; messages say what is wrong and how to fix it."""
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        raise ValueError("--train_batch_size and --gradient_accumulation_steps must be >= 1")
+    if args.resolution % 16:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of 16 (VAE /8, then 2x2 latent packing)")
+    if args.checkpointing_steps < 1 or args.max_train_steps < 1:
+        raise ValueError("--checkpointing_steps and --max_train_steps must be >= 1")
+    if not 0.0 <= args.max_bad_sample_fraction <= 1.0:
+        raise ValueError("--max_bad_sample_fraction must be in [0, 1]")
+    if args.rescaled_checkpoint_path is not None and not os.path.exists(args.rescaled_checkpoint_path):
+        raise FileNotFoundError(f"--rescaled_checkpoint_path {args.rescaled_checkpoint_path} does not exist. Create it "
+                                "with script/rescale_teacher.sh, or omit it together with --timestep_scale 1000.")
+    if args.rescaled_checkpoint_path is None and args.timestep_scale != 1000.0:
+        raise ValueError("--timestep_scale {:g} needs --rescaled_checkpoint_path: stock FLUX weights expect time inputs "
+                         "x1000. Make a rescaled teacher with script/rescale_teacher.sh, or pass --timestep_scale 1000."
+                         .format(args.timestep_scale))
+    if args.ds_file is not None and not os.path.exists(args.ds_file):
+        raise FileNotFoundError(f"--ds_file {args.ds_file} does not exist (see parallel_config/)")
+    if args.dataset_name is None and args.data_files is None and args.data_dir is None:
+        args.dataset_name = "brivangl/midjourney-v6-llava"
