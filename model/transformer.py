@@ -16,6 +16,7 @@ usual conditioning vector (dual-timestep student).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,25 @@ class ExactTimeTextEmbedding(nn.Module):
     def has_guidance(self) -> bool:
         return hasattr(self, "guidance_embedder")
 
+    def sinusoid(self, value: torch.Tensor) -> torch.Tensor:
+        """diffusers' ``Timesteps`` projection of ``scale·value``, computed in float32 *or wider*.
+
+        emb_k = sin/cos(scale·value·exp(−ln(10000)·k/(half − shift))), k < half; cos first (flip_sin_to_cos).
+        Stock ``get_timestep_embedding`` always works in float32; computing in float64 for float64 inputs
+        lets finite-difference checks of the time tangent reach float64 accuracy.
+        """
+        proj = self.time_proj
+        dtype = torch.promote_types(value.dtype, torch.float32)
+        half = proj.num_channels // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=dtype, device=value.device) / (half - proj.downscale_freq_shift)
+        arg = (value.to(dtype) * self.timestep_scale)[:, None] * torch.exp(exponent)[None, :] * proj.scale
+        emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+        if proj.flip_sin_to_cos:
+            emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+        return emb
+
     def _embed(self, embedder: nn.Module, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # get_timestep_embedding computes in float32 whatever the input dtype.
-        return embedder(self.time_proj(value.float() * self.timestep_scale).to(dtype))
+        return embedder(self.sinusoid(value).to(dtype))
 
     def forward(self, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         pooled_projection = rest[-1]

@@ -91,7 +91,8 @@ class SCMLoss:
         loss = per_sample.mean() * c.scm_lambda
         logs = {"loss_sCM": loss.item(), "l2_loss": sq_err.mean().item(), "g_norm": g_norm.mean().item(),
                 "mean_weight": weight.mean().item(), "logvar": logvar.mean().item(), "tangent_warmup": r}
-        terms = {"teacher_velocity": dxt_dt, "jvp_tangent": cs_dF_dt, "student_output": F_minus, "logvar": logvar.detach()}
+        terms = {"teacher_velocity": dxt_dt, "jvp_tangent": cs_dF_dt, "student_output": F_minus,
+                 "logvar": logvar.detach(), "normalised_tangent": g}
         return LossOutput(loss, logs, terms)
 
 
