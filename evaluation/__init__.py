@@ -1,0 +1,1 @@
+"""Evaluation: GenEval folder layout, result summaries and a procedural shapes world for CPU tests."""
