@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from data.dataset import Text2ImageDataset, collate_text2image, load_hf_dataset
+from data.dataset import Text2ImageDataset, load_hf_dataset
 from model.flux_io import FluxConditioner, check_resolution, load_flux_components
 from model.loading import load_flux_transformer, load_transformer_weights
 from model.trigflow import FluxInputs
@@ -140,7 +140,8 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         mixed = "bf16" if ds_conf.get("bf16", {}).get("enabled") else "fp16" if ds_conf.get("fp16", {}).get("enabled") else "no"
     report_to = None if args.report_to in (None, "none") else args.report_to
     kwargs = []
-    if not torch.cuda.is_available():
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or plugin is not None
+    if distributed and not torch.cuda.is_available():
         # Without CUDA accelerate picks no backend and under-reports the world size; gloo fixes it.
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
@@ -234,7 +235,7 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
                                 center_crop=args.center_crop, random_flip=args.random_flip)
     sampler = ResumableSampler(len(dataset), args.train_batch_size, accelerator.process_index,
                                accelerator.num_processes, args.seed)
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate_text2image,
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=dataset.collate_fn,
                         num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
 
     params = [p for p in student.parameters() if p.requires_grad]
