@@ -268,6 +268,11 @@ class BadSampleError(Exception):
     """A sample that cannot be used; ``str(e)`` is the short reason."""
 
 
+def _decode_error(e: Exception) -> BadSampleError:
+    kind = "truncated image" if "truncat" in str(e).lower() else "undecodable image"
+    return BadSampleError(f"{kind}: {type(e).__name__}: {e}"[:200])
+
+
 def decode_image(value: Any, data_dir: str | os.PathLike | None = None) -> Image.Image:
     """Fully decode an image value from a `datasets` row into a loaded PIL image.
 
@@ -316,14 +321,11 @@ def decode_image(value: Any, data_dir: str | os.PathLike | None = None) -> Image
         except UnidentifiedImageError as e:
             raise BadSampleError("undecodable image: not a recognised image format") from e
         except Exception as e:
-            raise BadSampleError(f"undecodable image: {type(e).__name__}: {e}"[:200]) from e
+            raise _decode_error(e) from e
     try:
         img.load()
-    except OSError as e:
-        kind = "truncated image" if "truncat" in str(e).lower() else "undecodable image"
-        raise BadSampleError(f"{kind}: {e}"[:200]) from e
     except Exception as e:
-        raise BadSampleError(f"undecodable image: {type(e).__name__}: {e}"[:200]) from e
+        raise _decode_error(e) from e
     if img.width < 1 or img.height < 1:
         raise BadSampleError(f"empty image ({img.width}x{img.height})")
     try:

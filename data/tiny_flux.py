@@ -383,9 +383,12 @@ def _check_tokenizers(clip_tok, t5_tok, min_size: int = 50) -> None:
 
 
 def build_tiny_flux_pipeline(
-    output_dir: str | Path, seed: int = 0, config: TinyFluxConfig | None = None
+    output_dir: str | Path, seed: int = 0, config: TinyFluxConfig | None = None, *, overwrite: bool = True
 ) -> Path:
-    """Build a tiny random FLUX pipeline and save it to ``output_dir`` (replaced if it exists).
+    """Build a tiny random FLUX pipeline and save it to ``output_dir``.
+
+    An existing ``output_dir`` is replaced, or, with ``overwrite=False``, kept (the new build is
+    discarded; this makes concurrent builders safe).
 
     The folder loads with ``diffusers.FluxPipeline.from_pretrained(output_dir)`` offline. Every
     component is created right after ``torch.manual_seed(seed)``, so two builds with the same seed
@@ -495,7 +498,7 @@ def build_tiny_flux_pipeline(
         pipe.save_pretrained(tmp, safe_serialization=True)
         info = {"seed": seed, "config": config.to_dict(), "builder": "data.tiny_flux.build_tiny_flux_pipeline"}
         (tmp / BUILD_INFO_FILENAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        return _publish(tmp, output_dir, overwrite=True)
+        return _publish(tmp, output_dir, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -562,8 +565,12 @@ def build_tiny_dataset(
     resolution: int = 64,
     seed: int = 0,
     format: str = "parquet",
+    *,
+    overwrite: bool = True,
 ) -> Path:
-    """Write a small deterministic image-caption dataset to ``output_dir`` (replaced if it exists).
+    """Write a small deterministic image-caption dataset to ``output_dir``.
+
+    An existing ``output_dir`` is replaced, or kept with ``overwrite=False``.
 
     Images are coloured shapes (circle / square / triangle, one or two) on white, black or gray
     backgrounds, or two-colour gradients, with matching captions such as
@@ -606,7 +613,7 @@ def build_tiny_dataset(
                     f.write(json.dumps({"file_name": name, "llava": cap}) + "\n")
         info = {"seed": seed, "num_images": num_images, "resolution": resolution, "format": format}
         (tmp / BUILD_INFO_FILENAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        return _publish(tmp, output_dir, overwrite=True)
+        return _publish(tmp, output_dir, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -651,10 +658,11 @@ def ensure_tiny_assets(
         info = _read_info(pipe_dir) or {}
         say(f"reusing tiny FLUX pipeline at {pipe_dir} (pass --force to rebuild)")
         if info.get("seed", seed) != seed:
-            say(f"  warning: it was built with seed {info.get('seed')}, not {seed}")
+            say(f"  warning: it was built with seed={info.get('seed')}; pass --force to rebuild with seed={seed}")
     else:
         t0 = time.perf_counter()
-        build_tiny_flux_pipeline(pipe_dir, seed=seed)
+        # an existing folder without model_index.json is broken: replace it
+        build_tiny_flux_pipeline(pipe_dir, seed=seed, overwrite=force or pipe_dir.exists())
         say(f"built tiny FLUX pipeline at {pipe_dir} in {time.perf_counter() - t0:.1f} s")
 
     if _dataset_complete(data_dir) and not force:
@@ -663,10 +671,13 @@ def ensure_tiny_assets(
         wanted = {"seed": seed, "num_images": num_images, "resolution": resolution}
         diff = {k: info[k] for k in wanted if k in info and info[k] != wanted[k]}
         if diff:
-            say(f"  warning: it was built with {diff}")
+            recorded = ", ".join(f"{k}={v}" for k, v in diff.items())
+            say(f"  warning: it was built with {recorded}; pass --force to rebuild with the requested values")
     else:
         t0 = time.perf_counter()
-        build_tiny_dataset(data_dir, num_images=num_images, resolution=resolution, seed=seed)
+        build_tiny_dataset(
+            data_dir, num_images=num_images, resolution=resolution, seed=seed, overwrite=force or data_dir.exists()
+        )
         say(f"built tiny dataset ({num_images} images, {resolution}px) at {data_dir} in {time.perf_counter() - t0:.1f} s")
     return pipe_dir, data_dir
 
