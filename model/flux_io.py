@@ -22,7 +22,7 @@ def check_resolution(resolution: int, vae_scale_factor: int) -> None:
 
 def load_flux_components(pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> FluxPipeline:
     """VAE, CLIP + T5 encoders/tokenizers and scheduler of a FLUX pipeline, without its transformer."""
-    return FluxPipeline.from_pretrained(pretrained, transformer=None, revision=revision, torch_dtype=dtype)
+    return FluxPipeline.from_pretrained(pretrained, transformer=None, revision=revision, dtype=dtype)
 
 
 class FluxConditioner:

@@ -129,7 +129,7 @@ def load_flux_transformer(pretrained: str, timestep_scale: float, subfolder: str
     if local.exists() and subfolder and not (local / subfolder).exists():
         subfolder = None  # a transformer folder rather than a pipeline folder
     return DistillFluxTransformer2DModel.from_pretrained(
-        pretrained, subfolder=subfolder, revision=revision, timestep_scale=timestep_scale, torch_dtype=dtype)
+        pretrained, subfolder=subfolder, revision=revision, timestep_scale=timestep_scale, dtype=dtype)
 
 
 def load_transformer_weights(transformer: DistillFluxTransformer2DModel, path: str, *,

@@ -7,7 +7,10 @@ PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/py
 ENTRY="$1"; shift
 NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 if [ "$NGPU" -eq 0 ]; then
-  export ACCELERATE_USE_CPU=true DS_ACCELERATOR=cpu   # CPU runs: gloo backend
+  # CPU runs: DeepSpeed needs DS_ACCELERATOR=cpu; plain accelerate needs ACCELERATE_USE_CPU=true for gloo DDP
+  # (which would silently switch DeepSpeed off, so only without --ds_file).
+  export DS_ACCELERATOR=cpu
+  case " $* " in *" --ds_file "*) ;; *) export ACCELERATE_USE_CPU=true ;; esac
 fi
 NPROC="${NPROC_PER_NODE:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 1)}"
 # Cluster convention of the original scripts: WORLD_SIZE = number of nodes, RANK = node rank.

@@ -149,10 +149,15 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         log_with=report_to, deepspeed_plugin=plugin, kwargs_handlers=kwargs,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
     )
+    if plugin is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise TrainingError(f"--ds_file was given but accelerate runs as {accelerator.distributed_type.value}, not "
+                            "DeepSpeed (ACCELERATE_USE_CPU=true turns DeepSpeed off; on CPU set DS_ACCELERATOR=cpu instead).")
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise TrainingError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE={expected}: the "
                            "launch is misconfigured (on CPU use torchrun with ACCELERATE_USE_CPU=true).")
+    logger.info("distributed type %s, %d process(es), mixed precision %s", accelerator.distributed_type.value,
+                accelerator.num_processes, accelerator.mixed_precision)
     return accelerator
 
 
@@ -232,7 +237,8 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
 
     hf_dataset = load_hf_dataset(args.dataset_name, args.data_files, args.data_dir, cache_dir=args.cache_dir)
     dataset = Text2ImageDataset(hf_dataset, args.resolution, args.image_column, args.caption_column,
-                                center_crop=args.center_crop, random_flip=args.random_flip)
+                                center_crop=args.center_crop, random_flip=args.random_flip, data_dir=args.data_dir,
+                                seed=args.seed)
     sampler = ResumableSampler(len(dataset), args.train_batch_size, accelerator.process_index,
                                accelerator.num_processes, args.seed)
     loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=dataset.collate_fn,
