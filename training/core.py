@@ -280,6 +280,7 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
 
     while state.step < args.max_train_steps and not stop.requested:
         sampler.set_position(state.epoch, state.batches_in_epoch)
+        dataset.set_epoch(state.epoch)  # crops/flips seeded by (seed, epoch, index): resumable
         for batch in loader:
             state.batches_in_epoch += 1
             state.samples_seen += len(batch["indices"]) + len(batch["bad_indices"])
