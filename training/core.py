@@ -225,7 +225,10 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
 
     # Models: identical initialisation on every rank, then per-rank random streams for the loss.
     set_seed(args.seed)
-    pipe = load_flux_components(args.pretrained_model_name_or_path, revision=args.revision)
+    # Text encoders in the training precision (T5-XXL is 19 GB in fp32); the VAE stays fp32 (84 M params).
+    pipe = load_flux_components(args.pretrained_model_name_or_path, revision=args.revision,
+                                dtype=_weight_dtype(accelerator))
+    pipe.vae.to(torch.float32)
     check_resolution(args.resolution, pipe.vae_scale_factor)
     conditioner = FluxConditioner(pipe, accelerator.device, args.max_sequence_length)
     teacher_tf, student_tf = load_transformers(args)
