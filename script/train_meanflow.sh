@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# MeanFlow distillation (with CFG MeanFlow), the original release's interface:
+#   bash script/train_meanflow.sh LR RESOLUTION BATCH_SIZE CFG_MEANFLOW OMEGA KAPPA MIN_T MAX_T OUT_DIR RESCALED_PATH \
+#        [extra train_meanflow.py flags...]
+#   e.g. bash script/train_meanflow.sh 1e-6 512 8 True 1 0.5 0.0 1.0 work_dirs/meanflow rescaled.pt
+# Defaults as the original: LR 1e-5, 512, batch 8, CFG MeanFlow True, omega 1, kappa 0.5, window [0, 1].
+# RESCALED_PATH=none trains from the stock teacher (then pass --timestep_scale 1000 as an extra flag).
+# Environment: MODEL_NAME (default Freepik/flux.1-lite-8B), DS_FILE (default
+# parallel_config/deepspeed_bf16_batch<BATCH>.json on GPUs, none on CPU; set DS_FILE=none to disable),
+# NPROC_PER_NODE, and for multi-node WORLD_SIZE (nodes), RANK (node rank), MASTER_ADDR, MASTER_PORT.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LR=${1:-1e-5}; RESOLUTION=${2:-512}; BATCH_SIZE=${3:-8}; CFG_MEANFLOW=${4:-True}
+CFG_OMEGA=${5:-1}; CFG_KAPPA=${6:-0.5}; CFG_MIN_T=${7:-0.0}; CFG_MAX_T=${8:-1.0}
+OUT_DIR=${9:?OUT_DIR (9th argument) is required}
+RESCALED_PATH=${10:?RESCALED_PATH (10th argument) is required: make one with script/rescale_teacher.sh, or pass none}
+shift $(( $# < 10 ? $# : 10 ))
+MODEL_NAME="${MODEL_NAME:-Freepik/flux.1-lite-8B}"
+RESCALED_ARGS=()
+if [ "$RESCALED_PATH" != "none" ]; then RESCALED_ARGS=(--rescaled_checkpoint_path "$RESCALED_PATH"); fi
+source "$ROOT/script/_ds_args.sh"
+bash "$ROOT/script/_launch.sh" train_meanflow.py \
+  --pretrained_model_name_or_path "$MODEL_NAME" "${RESCALED_ARGS[@]}" \
+  --resolution "$RESOLUTION" --dataloader_num_workers "${NUM_WORKERS:-4}" --output_dir "$OUT_DIR" \
+  --train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps 1 "${DS_ARGS[@]}" \
+  --max_train_steps 10000000 --max_grad_norm 0.1 --gradient_checkpointing --learning_rate "$LR" \
+  --checkpointing_steps 1000 --allow_tf32 --report_to tensorboard \
+  --use_cfg_meanflow="$CFG_MEANFLOW" --cfg_omega "$CFG_OMEGA" --cfg_kappa "$CFG_KAPPA" \
+  --cfg_min_t "$CFG_MIN_T" --cfg_max_t "$CFG_MAX_T" \
+  --resume_from_checkpoint latest "$@"
