@@ -149,6 +149,16 @@ class DistillFluxTransformer2DModel(FluxTransformer2DModel):
     def timestep_scale(self) -> float:
         return float(self.config.timestep_scale)
 
+    def set_timestep_scale(self, scale: float) -> None:
+        """Change the factor applied to timestep, guidance and interval (config and embedding together).
+
+        Used to start teacher rescaling: the stock weights with ``scale=1`` are the ×1 student at step 0.
+        """
+        if not scale > 0:
+            raise ValueError(f"timestep_scale must be > 0, got {scale!r}")
+        self.register_to_config(timestep_scale=float(scale))
+        self.time_text_embed.timestep_scale = float(scale)
+
     def enable_interval_embedding(self, init: str = "copy") -> None:
         """Add the MeanFlow interval embedder MLP_h (no-op if present).
 
