@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
     except OSError as exc:
         raise ValueError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no FLUX pipeline "
-                         f"scheduler config there ({exc}). Pass a FLUX pipeline folder or hub id.") from exc
+                         f"scheduler config there ({str(exc).splitlines()[0]}). Pass a FLUX pipeline folder or hub id.") from exc
     config = RescaleLossConfig(objective=args.objective, loss=args.loss, smooth_l1_beta=args.smooth_l1_beta,
                                time_sampling=args.time_sampling, logit_mean=args.logit_mean, logit_std=args.logit_std,
                                guidance_min=args.guidance_min, guidance_max=args.guidance_max,
