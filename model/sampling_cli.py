@@ -203,10 +203,12 @@ def make_sampler(pipe, method: str, args: argparse.Namespace):
     elif method == "meanflow":
         extra = dict(time_schedule=args.time_schedule)
 
+    device = pipe._execution_device  # looked up once: diffusers walks every submodule to find it
+
     @torch.no_grad()
     def sampler(prompts: list[str], generators: list[torch.Generator]):
         unique = list(dict.fromkeys(prompts))
-        embeds, pooled, _ = pipe.encode_prompt(prompt=unique, prompt_2=None, device=pipe._execution_device,
+        embeds, pooled, _ = pipe.encode_prompt(prompt=unique, prompt_2=None, device=device,
                                                max_sequence_length=args.max_sequence_length)
         index = torch.tensor([unique.index(p) for p in prompts], device=embeds.device)
         return pipe(prompt_embeds=embeds[index], pooled_prompt_embeds=pooled[index], height=args.resolution,
