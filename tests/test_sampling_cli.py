@@ -213,3 +213,27 @@ def test_script_entry_point_reports_errors_in_one_line(setup, tmp_path):
     assert "test_sCM.py" in proc.stderr and "Traceback" not in proc.stderr
     assert "--ds_file x.json is ignored" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_geneval_script_with_two_torchrun_processes(setup, tmp_path, monkeypatch):
+    """script/geneval_sCM.sh under torchrun with 2 processes writes the same files as one in-process rank."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    run_dir = tmp_path / "run"
+    (run_dir / "ckpts").mkdir(parents=True)
+    os.symlink(setup["scm"], run_dir / "ckpts" / "transformer_5.pt")
+    extra = ["--metadata_file", setup["meta"], "--max_sequence_length", "32", "--no_progress", "--n_samples", "2"]
+    env = {**os.environ, "MODEL_NAME": setup["pipe"], "RESOLUTION": "64", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "OUTPUT_DIR": str(tmp_path / "two")}
+    proc = subprocess.run(["bash", str(REPO / "script" / "geneval_sCM.sh"), str(run_dir), "5", "2", "4.5", *extra],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[rank 0/2]" in proc.stdout and "[rank 1/2]" in proc.stdout
+    main("scm", _scm_args(setup, tmp_path / "one", "--n_samples", "2"))
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name in one:
+        if name != "generation_config.json":  # records the (different) checkpoint path
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
