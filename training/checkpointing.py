@@ -5,9 +5,13 @@ Layout of a run folder:
     checkpoints/checkpoint-<step>/           full resumable state (accelerate ``save_state``: model, optimizer,
                                              LR scheduler, per-rank RNG, train state) + run_config.json
     checkpoints/.checkpoint-<step>.tmp/      a save in progress; never read, removed by the next save
+    checkpoints/.checkpoint-<step>.old/      a checkpoint being replaced or pruned; never read, removed likewise
 
-A directory named ``checkpoint-<step>`` exists only once every rank has finished writing it, so a
-``kill -9`` at any moment leaves the newest complete checkpoint loadable.
+Crash safety rests on one POSIX guarantee: ``rename`` of a directory is atomic.  A directory named
+``checkpoint-<step>`` therefore only ever exists once every rank has finished writing it and its
+files were flushed to disk (fsync), so a ``kill -9`` (or a power cut) at any moment leaves the
+newest complete checkpoint loadable.  Deletion goes the other way round: a checkpoint is first
+renamed to a hidden name, then removed, so a half-deleted folder is never mistaken for a checkpoint.
 """
 from __future__ import annotations
 
@@ -20,12 +24,44 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# Fields of the run config that must match when resuming: they change what the state means.
-RESUME_INVARIANTS = ("method", "pretrained_model_name_or_path", "resolution", "timestep_scale", "train_batch_size",
-                     "gradient_accumulation_steps", "num_processes")
+RUN_CONFIG = "run_config.json"
+# Fields of the run config that must match when resuming: they change what the saved state means
+# (which model and loss it belongs to, its tensor shapes, how the data stream is shuffled, sharded and
+# batched, and the on-disk format of the optimizer state, which differs between DeepSpeed and DDP).
+RESUME_INVARIANTS = ("method", "pretrained_model_name_or_path", "rescaled_checkpoint_path", "resolution",
+                     "timestep_scale", "train_batch_size", "gradient_accumulation_steps", "num_processes",
+                     "distributed_type", "seed")
+# Flags that may legitimately change between a run and its resumption, without a warning.
+RESUME_FREE = ("resume_from_checkpoint", "output_dir", "max_train_steps", "checkpointing_steps",
+               "checkpoints_total_limit", "report_to", "logging_steps", "dataloader_num_workers", "cache_dir",
+               "max_nonfinite_steps", "max_bad_sample_fraction", "step")
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or directory entry to disk (directories: so a rename inside it is durable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (e.g. certain network mounts) refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file below ``root``, then the directories, so a later rename publishes complete data."""
+    root = Path(root)
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``.<name>.tmp`` next to ``path``, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -35,6 +71,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -42,65 +79,113 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete full-state checkpoints, oldest first."""
+    """Complete full-state checkpoints ``(step, folder)``, oldest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir() and (p / RUN_CONFIG).is_file()]
     return sorted(found)
 
 
 def resolve_resume_path(output_dir: str, resume: str) -> Path | None:
-    """'latest' → newest complete checkpoint (None if there is none yet); else the given folder."""
+    """'latest' → newest complete checkpoint of ``output_dir`` (None if there is none yet); else that folder."""
     if resume == "latest":
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
     path = Path(resume)
-    if not (path / "run_config.json").exists():
+    if not (path / RUN_CONFIG).is_file():
         raise FileNotFoundError(f"--resume_from_checkpoint {resume} is not a complete checkpoint folder "
-                                f"(expected {path}/run_config.json); use 'latest' or a checkpoints/checkpoint-<step> folder")
+                                f"(expected {path}/{RUN_CONFIG}); use 'latest' or an OUT/checkpoints/checkpoint-<step> "
+                                "folder")
     return path
 
 
-def check_resume_config(checkpoint: Path, current: dict) -> None:
-    saved = json.loads((checkpoint / "run_config.json").read_text())
+def read_run_config(checkpoint: str | os.PathLike) -> dict:
+    return json.loads((Path(checkpoint) / RUN_CONFIG).read_text())
+
+
+def _jsonable(config: dict) -> dict:
+    """The config as it reads back from run_config.json (tuples → lists, paths → str)."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def check_resume_config(checkpoint: Path, current: dict, extra_invariants: tuple[str, ...] = ()) -> list[str]:
+    """Refuse to resume a different run; return the (harmless) flags that changed, for a warning.
+
+    Raises ``ValueError`` naming every invariant that differs (method, model, resolution, batch
+    layout, number of processes, ...): resuming would silently load a state that does not fit.
+    """
+    saved = read_run_config(checkpoint)
+    current = _jsonable(current)
+    keys = tuple(RESUME_INVARIANTS) + tuple(extra_invariants)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
-             for k in RESUME_INVARIANTS if k in current and saved.get(k) != current.get(k)]
+             for k in keys if (k in current or k in saved) and saved.get(k) != current.get(k)]
     if diffs:
         raise ValueError(f"cannot resume from {checkpoint}: the run configuration changed ({'; '.join(diffs)}). "
                          "Resume with the same settings, or start a new --output_dir.")
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in keys and k not in RESUME_FREE and saved.get(k) != current.get(k))
+
+
+def _remove_hidden(root: Path) -> None:
+    """Remove leftovers of interrupted saves/prunes (hidden names: never read as checkpoints)."""
+    for stale in list(root.glob(".checkpoint-*.tmp")) + list(root.glob(".checkpoint-*.old")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def begin_checkpoint(output_dir: str, step: int) -> Path:
     """Main process: make an empty temporary folder for ``step`` (removing stale ones)."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".checkpoint-*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_hidden(root)
     tmp = root / f".checkpoint-{step}.tmp"
     tmp.mkdir()
     return tmp
 
 
+def _retire(folder: Path) -> None:
+    """Delete a checkpoint folder so that no crash can leave a half-deleted ``checkpoint-*``."""
+    hidden = folder.with_name(f".{folder.name}.old")
+    if hidden.exists():
+        shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def finish_checkpoint(tmp: Path, step: int, run_config: dict, total_limit: int | None) -> Path:
-    """Main process, after every rank wrote into ``tmp``: add run_config.json, rename, prune."""
-    atomic_write_text(tmp / "run_config.json", json.dumps({**run_config, "step": step}, indent=2, default=str))
+    """Main process, after every rank wrote into ``tmp``: add run_config.json, flush, rename, prune."""
+    atomic_write_text(tmp / RUN_CONFIG, json.dumps({**run_config, "step": step}, indent=2, default=str))
+    fsync_tree(tmp)
     final = tmp.parent / f"checkpoint-{step}"
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again (e.g. a stop right after the periodic save of a resumed run)
+        _retire(final)
     os.replace(tmp, final)
+    _fsync_path(final.parent)
     if total_limit is not None and total_limit > 0:
-        for _, old in list_checkpoints(tmp.parent.parent)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        for _, old in list_checkpoints(final.parent.parent)[:-total_limit]:
+            _retire(old)
     return final
+
+
+def abort_checkpoint(output_dir: str, step: int) -> None:
+    """Main process: remove the temporary folder of a failed save (best effort)."""
+    shutil.rmtree(Path(output_dir) / "checkpoints" / f".checkpoint-{step}.tmp", ignore_errors=True)
+
+
+def export_path(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / "ckpts" / f"transformer_{step}.pt"
 
 
 def export_transformer(path: str | os.PathLike, state_dict: dict, config: dict, step: int) -> None:
