@@ -16,7 +16,8 @@ Python process that starts, torchrun workers included, before the entry point ru
         "rename"      with the temporary folder and the export complete, before the rename,
         "prune"       after pruning renamed an old checkpoint aside and deleted part of it;
   ``record_writes``: path of a file to which every call of begin/finish_checkpoint and
-      export_transformer appends ``rank=<RANK> <what> step=<N>``.
+      export_transformer appends ``rank=<RANK> <what> step=<N>``;
+  ``nan_teacher_from``: the sCM teacher returns NaN from this (0-based) call on, on every rank.
 """
 from __future__ import annotations
 
@@ -262,6 +263,18 @@ def install_from_env() -> None:
             shutil.rmtree = partial_rmtree
         else:
             raise ValueError(f"unknown stall point {at!r}")
+
+    if faults.get("nan_teacher_from") is not None:
+        from training.scm import SCMMethod
+
+        real_build = SCMMethod.build_models
+        first = int(faults["nan_teacher_from"])
+
+        def build_with_nan_teacher(self, args, teacher, student):
+            student_module, teacher_module = real_build(self, args, teacher, student)
+            return student_module, _NaNTeacher(teacher_module, nan_from=first)
+
+        SCMMethod.build_models = build_with_nan_teacher
 
     record = faults.get("record_writes")
     if record:

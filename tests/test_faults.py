@@ -465,3 +465,29 @@ def test_disk_error_helpers_are_atomic(tmp_path, monkeypatch):
     fresh = TrainState()
     fresh.load_state_dict({**state.state_dict(), "unknown_future_field": 1})
     assert fresh == state
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_skips_nonfinite_steps(tiny_assets, tmp_path):
+    """Under DeepSpeed ZeRO-2 (bf16) the engine steps inside backward; a NaN teacher output must still leave
+    the weights untouched: after 1 good step and 2 NaN steps the saved weights equal a clean 1-step run's."""
+    pipe, data = tiny_assets
+    ds = dict(ds_file=REPO_ROOT / "parallel_config" / "deepspeed_bf16_batch1.json", checkpointing_steps=100)
+    env = dict(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"))
+
+    def run(out, faults=None, **flags):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+               f"--master_port={29500 + os.getpid() % 2000}", "train_sCM.py",
+               *scm_argv(pipe, data, out, **ds, **flags)]
+        return subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(faults, **env), capture_output=True, text=True,
+                              timeout=600)
+
+    clean = run(tmp_path / "clean", max_train_steps=1)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    nan = run(tmp_path / "nan", {"nan_teacher_from": 1}, max_train_steps=6, max_nonfinite_steps=2)
+    assert nan.returncode != 0 and "exitcode  : 2" in nan.stderr, nan.stderr[-3000:]  # torchrun reports the 2
+    assert "2 consecutive non-finite steps" in nan.stderr and "teacher_velocity" in nan.stderr
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "nan")] == [1]
+    assert_same_weights(load_export(tmp_path / "nan", 1), load_export(tmp_path / "clean", 1))
+    assert [e["consecutive"] for e in read_events(tmp_path / "nan") if e["event"] == "nonfinite_skip"] == [1, 2]

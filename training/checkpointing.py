@@ -16,12 +16,15 @@ renamed to a hidden name, then removed, so a half-deleted folder is never mistak
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger("t2i_distill")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUN_CONFIG = "run_config.json"
@@ -175,7 +178,10 @@ def finish_checkpoint(tmp: Path, step: int, run_config: dict, total_limit: int |
     _fsync_path(final.parent)
     if total_limit is not None and total_limit > 0:
         for _, old in list_checkpoints(final.parent.parent)[:-total_limit]:
-            _retire(old)
+            try:
+                _retire(old)
+            except OSError as exc:  # the new checkpoint is published; a failed prune must not fail the save
+                logger.warning("could not remove the old checkpoint %s: %s", old, exc)
     return final
 
 

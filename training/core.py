@@ -383,9 +383,9 @@ def _save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, method:
         except OSError:
             free = ""
         log.event("save_failed", step=step, reason=reasons[0])
-        raise TrainingError(f"could not save the checkpoint of step {step} in {out} ({reasons[0]}{free}). Nothing of "
-                            f"it was kept and {kept}. Free disk space or fix the folder's permissions, then resume "
-                            "with --resume_from_checkpoint latest.")
+        raise TrainingError(f"could not save the checkpoint of step {step} in {out} ({reasons[0]}{free}). Its "
+                            f"temporary folder was removed and {kept}. Free disk space or fix the folder's "
+                            "permissions, then resume with --resume_from_checkpoint latest.")
 
     def describe(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
