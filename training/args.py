@@ -62,7 +62,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens per prompt.")
     g.add_argument("--cache_dir", default=None, help="Cache folder for hub downloads.")
     g.add_argument("--max_bad_sample_fraction", type=float, default=0.01,
-                   help="Stop with an error when more than this fraction of samples seen so far was unreadable.")
+                   help="Unreadable samples (corrupt/empty image, empty caption) are skipped and logged to "
+                        "logs/events.jsonl; the run saves and stops once the distinct unreadable samples found "
+                        "exceed this fraction of the dataset.")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=8, help="Micro-batch per process.")
