@@ -1,0 +1,690 @@
+"""End-to-end distillation benchmark on the shapes world, run through the project's real CLIs.
+
+Stages (each a subprocess of the command a user would type; every command, its wall time and exit
+status go to ``OUT/commands.log`` and ``results.json``):
+
+1. teacher   reuse ``--teacher_dir`` (the cached ``assets/shapes_teacher``) or rebuild it with
+             ``python -m evaluation.shapes.teacher`` (``--rebuild_teacher``, or when it is missing);
+2. data      ``python -m evaluation.shapes.domain`` → ``OUT/data/train.parquet`` + ``heldout_metadata.jsonl``;
+3. rescale   ``train_rescale.py`` (self-distillation of the ×1000 teacher into a ×1 one) → ``rescaled.pt``;
+4. sCM       ``train_sCM.py`` from the rescaled teacher;
+5. MeanFlow  ``train_meanflow.py`` from the rescaled teacher;
+6. sampling  ``test_flux8b.py`` (teacher, Euler, NFE 1/2/4/28; rescaled teacher at 28), ``test_sCM.py`` and
+             ``test_meanflow.py`` (NFE 1/2/4) on the held-out prompts, same seeds for every model;
+7. scoring   :mod:`evaluation.shapes.scorer` + GenEval's summary per folder.
+
+Outputs in ``OUT``: ``results.json`` (every row, the targets, timings, commands), ``table.md`` (model ×
+NFE rows, the six GenEval tasks + overall, as the paper's Table 1), ``grid.png`` (rows = model@NFE,
+columns = a fixed set of held-out prompts, sample 0) and ``plot.png`` (overall score vs NFE, drawn
+with PIL). Finished stages are recorded in ``OUT/stages/`` and skipped when re-run with the same
+command (``--fresh`` redoes everything), so an interrupted benchmark resumes where it stopped.
+
+The targets are the paper's claims transposed to relative scores (``r = overall / overall of the
+teacher at 28 steps``): sCM r(2) ≥ 0.9, sCM r(1) ≥ 0.8, MeanFlow r(4) ≥ 0.9, and every student beats
+the teacher sampled with the same NFE by ``WIDE_MARGIN`` (absolute overall score).
+
+Command line (``script/toy_benchmark.sh`` wraps it)::
+
+    python -m evaluation.shapes.benchmark --output_dir outputs/toy_benchmark [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TEACHER_DIR = REPO_ROOT / "assets" / "shapes_teacher"
+#: "By a wide margin": a student must beat the teacher at the same NFE by this much overall score.
+WIDE_MARGIN = 0.10
+#: Row order and display names of the models.
+MODELS: dict[str, str] = {
+    "teacher": "Teacher (Euler)",
+    "rescaled": "Rescaled teacher (Euler)",
+    "sCM": "sCM",
+    "MeanFlow": "MeanFlow",
+}
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class BenchmarkConfig:
+    """Every knob of a benchmark run (recorded in ``results.json``)."""
+
+    seed: int = 0
+    sample_seed: int = 42
+    resolution: int = 64
+    #: Training images of the distillation dataset (the teacher renders its own).
+    num_images: int = 4000
+    heldout_prompts_per_tag: int = 8
+    n_samples: int = 2
+    sample_batch_size: int = 16
+    #: Guidance fed to every model's guidance embedding at sampling time (inside the students' training
+    #: set {4, 4.5, 5} and the teacher's training range [1, 5]).
+    guidance_scale: float = 4.5
+    teacher_nfes: tuple[int, ...] = (1, 2, 4, 28)
+    rescaled_nfes: tuple[int, ...] = (28,)
+    student_nfes: tuple[int, ...] = (1, 2, 4)
+    # teacher rescaling (train_rescale.py)
+    rescale_steps: int = 400
+    rescale_batch_size: int = 16
+    rescale_learning_rate: float = 3e-4
+    # sCM (train_sCM.py)
+    scm_steps: int = 600
+    scm_batch_size: int = 16
+    scm_learning_rate: float = 1e-4
+    scm_tangent_warmup_fraction: float = 0.25
+    scm_cfg_scale: str = "4,4.5,5"
+    # MeanFlow (train_meanflow.py)
+    meanflow_steps: int = 600
+    meanflow_batch_size: int = 16
+    meanflow_learning_rate: float = 1e-4
+    meanflow_cfg: bool = True
+    meanflow_cfg_omega: float = 1.0
+    meanflow_cfg_kappa: float = 0.5
+    meanflow_cfg_scale: str = "4,4.5,5"
+    # report
+    grid_prompts: int = 8
+    threads: int = 1
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ("num_images", "heldout_prompts_per_tag", "n_samples", "sample_batch_size", "rescale_steps",
+                     "rescale_batch_size", "scm_steps", "scm_batch_size", "meanflow_steps", "meanflow_batch_size",
+                     "threads", "grid_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("teacher_nfes", "student_nfes", "rescaled_nfes"):
+            if any(n < 1 for n in getattr(self, name)):
+                raise ValueError(f"{name} must hold positive step counts, got {getattr(self, name)}")
+        if not self.teacher_nfes:
+            raise ValueError("teacher_nfes must not be empty")
+        if not 0.0 <= self.scm_tangent_warmup_fraction <= 1.0:
+            raise ValueError("scm_tangent_warmup_fraction must be in [0, 1]")
+
+    @property
+    def reference_nfe(self) -> int:
+        """The teacher NFE every score is compared with (28 unless the run leaves it out)."""
+        return max(self.teacher_nfes)
+
+
+#: ``--quick``: the cached teacher, short trainings, few prompts (≤ 10 min on 2 cores).
+QUICK = dict(num_images=1000, heldout_prompts_per_tag=3, n_samples=1, rescale_steps=100, scm_steps=150,
+             meanflow_steps=150, grid_prompts=6)
+
+
+# --------------------------------------------------------------------------------------------
+# Running commands
+
+
+class BenchmarkError(RuntimeError):
+    """A stage failed; the message names the command and where its log is."""
+
+
+@dataclass
+class CommandRecord:
+    stage: str
+    command: str
+    seconds: float
+    returncode: int
+    log: str
+    reused: bool = False
+
+
+class Runner:
+    """Runs stage commands as subprocesses, tees their output (progress bars included) to the
+    console and ``OUT/logs/<stage>.log``, and skips stages already finished with the same command."""
+
+    def __init__(self, out: Path, threads: int, fresh: bool = False, echo: bool = True):
+        self.out = out
+        self.fresh = fresh
+        self.echo = echo
+        self.records: list[CommandRecord] = []
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        self.env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+                         "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+                         "PYTHONUNBUFFERED": "1"})
+        self.env.pop("WORLD_SIZE", None)
+
+    def _stamp(self, stage: str) -> Path:
+        return self.out / "stages" / f"{stage}.json"
+
+    def run(self, stage: str, argv: Sequence[str], expect: Sequence[Path] = ()) -> CommandRecord:
+        """Run ``argv`` (from the repository root) unless the same command already finished and
+        every path in ``expect`` exists."""
+        command = " ".join(shlex.quote(str(a)) for a in argv)
+        stamp = self._stamp(stage)
+        log_path = self.out / "logs" / f"{stage}.log"
+        if not self.fresh and stamp.is_file() and all(Path(p).exists() for p in expect):
+            done = json.loads(stamp.read_text(encoding="utf-8"))
+            if done.get("command") == command:
+                record = CommandRecord(stage, command, done.get("seconds", 0.0), 0, str(log_path), reused=True)
+                self.records.append(record)
+                self._log_line(record)
+                self._say(f"[benchmark] {stage}: reusing the finished run ({done.get('seconds', 0):.0f} s)")
+                return record
+        stamp.unlink(missing_ok=True)
+        self._say(f"[benchmark] {stage}: {command}")
+        start = time.perf_counter()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([str(a) for a in argv], cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            assert proc.stdout is not None
+            while True:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                log.write(chunk)
+                if self.echo:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
+            returncode = proc.wait()
+        seconds = time.perf_counter() - start
+        record = CommandRecord(stage, command, seconds, returncode, str(log_path))
+        self.records.append(record)
+        self._log_line(record)
+        if returncode != 0:
+            tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+            raise BenchmarkError(f"stage {stage} failed (exit {returncode}) after {seconds:.0f} s; log {log_path}; "
+                                 f"last lines: {' | '.join(tail)}")
+        missing = [str(p) for p in expect if not Path(p).exists()]
+        if missing:
+            raise BenchmarkError(f"stage {stage} finished but did not write {', '.join(missing)} (log {log_path})")
+        stamp.write_text(json.dumps({"command": command, "seconds": seconds}) + "\n", encoding="utf-8")
+        return record
+
+    def _say(self, text: str) -> None:
+        if self.echo:
+            print(text, file=sys.stderr, flush=True)
+
+    def _log_line(self, record: CommandRecord) -> None:
+        status = "reused" if record.reused else f"exit {record.returncode}"
+        with open(self.out / "commands.log", "a", encoding="utf-8") as fh:
+            fh.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {record.stage}: {record.seconds:.1f} s, {status}\n"
+                     f"{record.command}\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Scores, targets and report files
+
+
+def score_samples(folder: Path, metadata: list[dict], n_samples: int) -> dict:
+    """GenEval summary (fractions) of a complete sample folder; refuses incomplete folders."""
+    from evaluation.geneval_layout import check_folder
+    from evaluation.shapes.scorer import score_folder
+    from evaluation.summarize_geneval import summarize_rows
+
+    problems = check_folder(folder, metadata, n_samples)
+    if problems:
+        raise BenchmarkError(f"{folder} is incomplete: {problems[0]} ({len(problems)} problem(s))")
+    rows = score_folder(folder, folder / "results.jsonl")
+    summary = summarize_rows(rows, metadata)
+    return {"overall": summary["overall"], "correct_images": summary["correct_images"],
+            "total_images": summary["total_images"],
+            "tasks": {tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
+
+
+def find_row(rows: Sequence[dict], model: str, nfe: int) -> Optional[dict]:
+    return next((r for r in rows if r["model"] == model and r["nfe"] == nfe), None)
+
+
+def evaluate_targets(rows: Sequence[dict], reference_nfe: int = 28, margin: float = WIDE_MARGIN) -> list[dict]:
+    """The paper's claims as checks on ``rows`` (dicts with model, nfe, overall).
+
+    Relative claims use r = overall / overall(teacher @ reference_nfe); a claim whose rows are
+    missing is reported with ``met: None``.
+    """
+    ref = find_row(rows, "teacher", reference_nfe)
+    ref_score = ref["overall"] if ref else None
+    targets = []
+    for model, nfe, ratio in (("sCM", 2, 0.9), ("sCM", 1, 0.8), ("MeanFlow", 4, 0.9)):
+        row = find_row(rows, model, nfe)
+        value = None if row is None or not ref_score else row["overall"] / ref_score
+        targets.append({"claim": f"{model} at NFE {nfe} >= {ratio:.0%} of the teacher at {reference_nfe} steps",
+                        "model": model, "nfe": nfe, "kind": "relative", "threshold": ratio, "value": value,
+                        "met": None if value is None else bool(value >= ratio)})
+    for row in rows:
+        if row["model"] not in ("sCM", "MeanFlow"):
+            continue
+        teacher = find_row(rows, "teacher", row["nfe"])
+        value = None if teacher is None else row["overall"] - teacher["overall"]
+        targets.append({"claim": f"{row['model']} at NFE {row['nfe']} beats the teacher at NFE {row['nfe']} by >= "
+                                 f"{100 * margin:.0f} points", "model": row["model"], "nfe": row["nfe"],
+                        "kind": "margin", "threshold": margin, "value": value,
+                        "met": None if value is None else bool(value >= margin)})
+    return targets
+
+
+def format_table(rows: Sequence[dict], reference_nfe: int = 28) -> str:
+    """Markdown table: one row per model × NFE, the six GenEval tasks + overall (percent), and the
+    overall relative to the teacher at ``reference_nfe`` steps."""
+    from evaluation.summarize_geneval import TASKS
+
+    ref = find_row(rows, "teacher", reference_nfe)
+    header = ["Model", "NFE"] + [title for _, title in TASKS] + ["**Overall**", f"vs teacher@{reference_nfe}"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "|".join("---:" for _ in header[2:]) + "|"]
+    for row in rows:
+        cells = [MODELS.get(row["model"], row["model"]), str(row["nfe"])]
+        cells += [f"{100 * row['tasks'][tag]:.1f}" if tag in row["tasks"] else "—" for tag, _ in TASKS]
+        cells.append(f"**{100 * row['overall']:.1f}**")
+        cells.append(f"{100 * row['overall'] / ref['overall']:.0f}%" if ref and ref["overall"] > 0 else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_targets(targets: Sequence[dict]) -> str:
+    lines = []
+    for t in targets:
+        mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        if t["value"] is None:
+            value = "n/a"
+        elif t["kind"] == "relative":
+            value = f"{100 * t['value']:.1f}%"
+        else:
+            value = f"{100 * t['value']:+.1f} points"
+        lines.append(f"- {t['claim']}: {value} — **{mark}**")
+    return "\n".join(lines)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines
+
+
+def grid_columns(metadata: Sequence[dict], count: int) -> list[int]:
+    """Prompt indices for the grid: round-robin over the tags (first prompt of each tag, then the
+    second, ...), so every task is shown; deterministic for a given metadata file."""
+    by_tag: dict[str, list[int]] = {}
+    for i, spec in enumerate(metadata):
+        by_tag.setdefault(spec["tag"], []).append(i)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < count and any(depth < len(v) for v in by_tag.values()):
+        for indices in by_tag.values():
+            if depth < len(indices) and len(chosen) < count:
+                chosen.append(indices[depth])
+        depth += 1
+    return chosen
+
+
+def draw_grid(rows: Sequence[dict], metadata: Sequence[dict], columns: Sequence[int], path: PathLike,
+              cell: int = 128) -> Path:
+    """PNG grid: one row per model@NFE (sample 0 of each chosen prompt, same seeds in every row),
+    prompts as column headers. Images are upscaled with NEAREST to ``cell`` pixels."""
+    from PIL import Image, ImageDraw
+
+    from evaluation.geneval_layout import sample_path
+
+    label_w, pad = 190, 4
+    font = _font(13)
+    header_lines = [_wrap(metadata[i]["prompt"].replace("a photo of ", ""), 20) for i in columns]
+    header_h = 16 * max((len(h) for h in header_lines), default=1) + 2 * pad
+    width = label_w + len(columns) * (cell + pad) + pad
+    height = header_h + len(rows) * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, lines in enumerate(header_lines):
+        x = label_w + pad + c * (cell + pad)
+        for k, text in enumerate(lines):
+            draw.text((x, pad + 16 * k), text, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(rows):
+        y = header_h + r * (cell + pad)
+        label = f"{MODELS.get(row['model'], row['model'])}\nNFE {row['nfe']}   overall {100 * row['overall']:.0f}%"
+        draw.multiline_text((pad, y + cell // 2 - 16), label, fill=(0, 0, 0), font=font, spacing=4)
+        for c, index in enumerate(columns):
+            x = label_w + pad + c * (cell + pad)
+            image_file = sample_path(row["samples_dir"], index, 0)
+            if image_file.is_file():
+                with Image.open(image_file) as im:
+                    canvas.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+            else:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(200, 0, 0))
+    return _save_image(canvas, path)
+
+
+#: Line colours of the plot per model.
+_COLORS = {"teacher": (90, 90, 90), "rescaled": (150, 150, 150), "sCM": (214, 39, 40), "MeanFlow": (31, 119, 180)}
+
+
+#: Plot margins (left, right, top, bottom) in pixels; the legend sits in the right margin.
+_PLOT_MARGINS = (70, 215, 40, 60)
+
+
+def plot_transform(nfes: Sequence[int], size: tuple[int, int]):
+    """Map (NFE, score in [0, 1]) to plot pixels: x linear in log2 NFE across the axes box
+    (centred when there is a single NFE), y = 0 % at the bottom of the box, 100 % at its top."""
+    width, height = size
+    left, right, top, bottom = _PLOT_MARGINS
+    lo, hi = math.log2(min(nfes)), math.log2(max(nfes))
+
+    def xy(nfe: float, score: float) -> tuple[float, float]:
+        if hi > lo:
+            x = left + (math.log2(nfe) - lo) / (hi - lo) * (width - left - right)
+        else:
+            x = (left + width - right) / 2
+        return x, top + (1 - score) * (height - top - bottom)
+
+    return xy
+
+
+def draw_plot(rows: Sequence[dict], path: PathLike, size: tuple[int, int] = (760, 460)) -> Path:
+    """Overall score (%) vs NFE (log2 axis), one line per model, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = _PLOT_MARGINS
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(13)
+    nfes = sorted({r["nfe"] for r in rows}) or [1]
+    xy = plot_transform(nfes, size)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, y = xy(min(nfes), frac)
+        draw.line([left, y, width - right, y], fill=(225, 225, 225))
+        draw.text((left - 40, y - 7), f"{100 * frac:.0f}%", fill=(0, 0, 0), font=font)
+    for nfe in nfes:
+        x, _ = xy(nfe, 0.0)
+        draw.line([x, height - bottom, x, height - bottom + 5], fill=(0, 0, 0))
+        draw.text((x - 6, height - bottom + 8), str(nfe), fill=(0, 0, 0), font=font)
+    draw.text(((left + width - right) / 2 - 60, height - 25), "NFE (log scale)", fill=(0, 0, 0), font=font)
+    draw.text((left, 12), "GenEval-style overall score on held-out shapes prompts", fill=(0, 0, 0), font=font)
+    legend_y = top
+    for model in MODELS:
+        points = sorted((r["nfe"], r["overall"]) for r in rows if r["model"] == model)
+        if not points:
+            continue
+        color = _COLORS.get(model, (0, 0, 0))
+        coords = [xy(n, s) for n, s in points]
+        if len(coords) > 1:
+            draw.line(coords, fill=color, width=3)
+        for x, y in coords:
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=color)
+        lx = width - right + 15
+        draw.line([lx, legend_y + 7, lx + 25, legend_y + 7], fill=color, width=3)
+        draw.text((lx + 32, legend_y), MODELS[model], fill=(0, 0, 0), font=font)
+        legend_y += 22
+    return _save_image(canvas, path)
+
+
+def _save_image(image, path: PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(out: PathLike, results: dict, metadata: Sequence[dict]) -> dict[str, Path]:
+    """Write results.json, table.md, grid.png and plot.png into ``out`` (each atomically)."""
+    out = Path(out)
+    rows = results["rows"]
+    reference = results.get("reference_nfe", 28)
+    paths = {"results": out / "results.json", "table": out / "table.md", "grid": out / "grid.png",
+             "plot": out / "plot.png"}
+    lines = ["# Shapes-world distillation benchmark", ""]
+    if results.get("description"):
+        lines += [results["description"], ""]
+    lines += [format_table(rows, reference), "", "## Targets (the paper's claims, relative to the teacher at "
+              f"{reference} steps)", "", format_targets(results.get("targets", [])), ""]
+    if results.get("wall_time_s") is not None:
+        lines += [f"Wall time: {results['wall_time_s'] / 60:.1f} min."]
+    _write_text(paths["table"], "\n".join(lines) + "\n")
+    draw_grid(rows, metadata, grid_columns(metadata, results.get("grid_prompts", 8)), paths["grid"])
+    draw_plot(rows, paths["plot"])
+    _write_text(paths["results"], json.dumps(results, indent=2) + "\n")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def run_benchmark(out: PathLike, config: BenchmarkConfig, teacher_dir: PathLike = DEFAULT_TEACHER_DIR,
+                  rebuild_teacher: bool = False, fresh: bool = False, echo: bool = True,
+                  description: str = "") -> dict:
+    """Run every stage (see module doc) and write the report; returns the results dict."""
+    from evaluation.geneval_layout import read_metadata
+    from evaluation.shapes.teacher import read_build_info
+
+    config.validate()
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out, config.threads, fresh=fresh, echo=echo)
+    py = _python()
+    teacher_dir = Path(teacher_dir).resolve()
+
+    # 1. teacher
+    if rebuild_teacher or not (teacher_dir / "model_index.json").is_file():
+        runner.fresh = True  # a new teacher invalidates every later stage
+        runner.run("teacher", [py, "-m", "evaluation.shapes.teacher", "--output_dir", teacher_dir,
+                               "--seed", config.seed], expect=[teacher_dir / "model_index.json"])
+    info = read_build_info(teacher_dir) or {}
+    seq_len = int(info.get("config", {}).get("max_sequence_length", 16))
+    common_model = ["--pretrained_model_name_or_path", teacher_dir]
+
+    # 2. data
+    data = out / "data"
+    runner.run("data", [py, "-m", "evaluation.shapes.domain", "--output_dir", data, "--num_images", config.num_images,
+                        "--resolution", config.resolution, "--seed", config.seed,
+                        "--heldout_prompts_per_tag", config.heldout_prompts_per_tag],
+               expect=[data / "train.parquet", data / "heldout_metadata.jsonl"])
+    heldout = data / "heldout_metadata.jsonl"
+    metadata = read_metadata(heldout)
+    common_train = common_model + ["--data_files", data / "train.parquet", "--resolution", config.resolution,
+                                   "--max_sequence_length", seq_len, "--dataloader_num_workers", 0,
+                                   "--report_to", "none", "--seed", config.seed, "--mixed_precision", "no",
+                                   "--checkpoints_total_limit", 1]
+
+    # 3. rescale (x1000 -> x1)
+    rescaled = out / "rescale" / "rescaled.pt"
+    runner.run("rescale", [py, "train_rescale.py", *common_train, "--output_dir", out / "rescale",
+                           "--train_batch_size", config.rescale_batch_size, "--learning_rate",
+                           config.rescale_learning_rate, "--max_train_steps", config.rescale_steps,
+                           "--checkpointing_steps", config.rescale_steps, "--objective", "self_distill",
+                           "--guidance_min", 1.0, "--guidance_max", 5.0], expect=[rescaled])
+
+    # 4. sCM
+    scm_ckpt = out / "sCM" / "ckpts" / f"transformer_{config.scm_steps}.pt"
+    warmup = max(1, round(config.scm_tangent_warmup_fraction * config.scm_steps))
+    runner.run("sCM", [py, "train_sCM.py", *common_train, "--rescaled_checkpoint_path", rescaled,
+                       "--output_dir", out / "sCM", "--train_batch_size", config.scm_batch_size,
+                       "--learning_rate", config.scm_learning_rate, "--max_train_steps", config.scm_steps,
+                       "--checkpointing_steps", config.scm_steps, "--tangent_warmup_steps", warmup,
+                       "--scm_cfg_scale", config.scm_cfg_scale], expect=[scm_ckpt])
+
+    # 5. MeanFlow
+    mf_ckpt = out / "MeanFlow" / "ckpts" / f"transformer_{config.meanflow_steps}.pt"
+    runner.run("MeanFlow", [py, "train_meanflow.py", *common_train, "--rescaled_checkpoint_path", rescaled,
+                            "--output_dir", out / "MeanFlow", "--train_batch_size", config.meanflow_batch_size,
+                            "--learning_rate", config.meanflow_learning_rate, "--max_train_steps",
+                            config.meanflow_steps, "--checkpointing_steps", config.meanflow_steps,
+                            f"--use_cfg_meanflow={config.meanflow_cfg}", "--cfg_omega", config.meanflow_cfg_omega,
+                            "--cfg_kappa", config.meanflow_cfg_kappa, "--cfg_scale", config.meanflow_cfg_scale],
+               expect=[mf_ckpt])
+
+    # 6. sampling (same prompts, seeds and guidance for every model)
+    jobs: list[tuple[str, int, list]] = []
+    for nfe in config.teacher_nfes:
+        jobs.append(("teacher", nfe, ["test_flux8b.py"]))
+    for nfe in config.rescaled_nfes:
+        jobs.append(("rescaled", nfe, ["test_flux8b.py", "--resume_path", rescaled]))
+    for nfe in config.student_nfes:
+        jobs.append(("sCM", nfe, ["test_sCM.py", "--resume_path", scm_ckpt]))
+    for nfe in config.student_nfes:
+        jobs.append(("MeanFlow", nfe, ["test_meanflow.py", "--resume_path", mf_ckpt]))
+    rows = []
+    for model, nfe, cli in jobs:
+        folder = out / "samples" / f"{model}_nfe{nfe}"
+        last = folder / f"{len(metadata) - 1:05d}" / "samples" / f"{config.n_samples - 1:04d}.png"
+        runner.run(f"sample_{model}_nfe{nfe}", [py, *cli, *common_model, "--resolution", config.resolution,
+                                                "--num_inference_steps", nfe, "--guidance_scale",
+                                                config.guidance_scale, "--max_sequence_length", seq_len,
+                                                "--seed", config.sample_seed, "--metadata_file", heldout,
+                                                "--n_samples", config.n_samples, "--batch_size",
+                                                config.sample_batch_size, "--output_dir", folder], expect=[last])
+        # 7. scoring
+        summary = score_samples(folder, metadata, config.n_samples)
+        rows.append({"model": model, "nfe": nfe, "guidance": config.guidance_scale, **summary,
+                     "samples_dir": str(folder)})
+    order = list(MODELS)
+    rows.sort(key=lambda r: (order.index(r["model"]), r["nfe"]))
+    reference = config.reference_nfe
+    ref = find_row(rows, "teacher", reference)
+    for row in rows:
+        row["relative_to_teacher"] = row["overall"] / ref["overall"] if ref and ref["overall"] > 0 else None
+
+    wall = time.perf_counter() - started
+    results = {
+        "description": description,
+        "config": asdict(config),
+        "teacher_dir": str(teacher_dir),
+        "teacher_build": {k: info.get(k) for k in ("timings", "vae", "evaluation", "transformer")},
+        "reference_nfe": reference,
+        "grid_prompts": config.grid_prompts,
+        "rows": rows,
+        "targets": evaluate_targets(rows, reference),
+        "stage_seconds": {r.stage: round(r.seconds, 1) for r in runner.records},
+        "commands": [asdict(r) for r in runner.records],
+        "wall_time_s": wall,
+    }
+    write_report(out, results, metadata)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.replace(",", " ").split())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {value!r}") from exc
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchmarkConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m evaluation.shapes.benchmark",
+        description="Shapes-world distillation benchmark: (re)use the cached FLUX teacher, rescale it, distil it "
+                    "with sCM and MeanFlow, sample held-out prompts with the test_*.py CLIs and score them. Writes "
+                    "results.json, table.md, grid.png and plot.png into OUTPUT_DIR. Unset flags take the defaults "
+                    "of the chosen mode (full or --quick).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output_dir", required=True, help="run folder (re-running it skips finished stages)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"reduced run (about 10 min on 2 cores with the cached teacher): {QUICK}")
+    p.add_argument("--teacher_dir", default=str(DEFAULT_TEACHER_DIR),
+                   help="teacher pipeline folder; reused when it exists, else built there")
+    p.add_argument("--rebuild_teacher", action="store_true", help="rebuild the teacher (about 30 min on 2 cores)")
+    p.add_argument("--fresh", action="store_true", help="redo every stage even when OUTPUT_DIR has it finished")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per stage (OMP_NUM_THREADS); default: $OMP_NUM_THREADS or 1")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the trainings")
+    p.add_argument("--num_images", type=int, default=None, help=f"distillation training images (full: {d.num_images})")
+    p.add_argument("--heldout_prompts_per_tag", type=int, default=None,
+                   help=f"held-out prompts per GenEval tag (full: {d.heldout_prompts_per_tag})")
+    p.add_argument("--n_samples", type=int, default=None, help=f"samples per prompt (full: {d.n_samples})")
+    p.add_argument("--guidance_scale", type=float, default=d.guidance_scale, help="guidance fed to every model")
+    p.add_argument("--teacher_nfes", type=_int_list, default=None, help="teacher Euler step counts, e.g. 1,2,4,28")
+    p.add_argument("--student_nfes", type=_int_list, default=None, help="student step counts, e.g. 1,2,4")
+    p.add_argument("--rescaled_nfes", type=_int_list, default=None, help="rescaled-teacher step counts, e.g. 28")
+    for name, full in (("rescale_steps", d.rescale_steps), ("scm_steps", d.scm_steps),
+                       ("meanflow_steps", d.meanflow_steps)):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"optimizer steps (full: {full})")
+    for name, full in (("rescale_batch_size", d.rescale_batch_size), ("scm_batch_size", d.scm_batch_size),
+                       ("meanflow_batch_size", d.meanflow_batch_size)):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"micro-batch (full: {full})")
+    for name, full in (("rescale_learning_rate", d.rescale_learning_rate), ("scm_learning_rate", d.scm_learning_rate),
+                       ("meanflow_learning_rate", d.meanflow_learning_rate)):
+        p.add_argument(f"--{name}", type=float, default=None, help=f"learning rate (full: {full})")
+    p.add_argument("--grid_prompts", type=int, default=None, help=f"prompts (columns) in grid.png (full: {d.grid_prompts})")
+    p.add_argument("--quiet", action="store_true", help="do not echo the stages' output (logs are still written)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    config = replace(BenchmarkConfig(), **QUICK) if args.quick else BenchmarkConfig()
+    overrides = {}
+    for name in ("num_images", "heldout_prompts_per_tag", "n_samples", "teacher_nfes", "student_nfes",
+                 "rescaled_nfes", "rescale_steps", "scm_steps", "meanflow_steps", "rescale_batch_size",
+                 "scm_batch_size", "meanflow_batch_size", "rescale_learning_rate", "scm_learning_rate",
+                 "meanflow_learning_rate", "grid_prompts"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    threads = args.threads if args.threads is not None else int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+    return replace(config, seed=args.seed, guidance_scale=args.guidance_scale, threads=threads, **overrides)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    teacher = Path(args.teacher_dir)
+    if teacher.exists() and not (teacher / "model_index.json").is_file() and any(teacher.iterdir()):
+        print(f"error: --teacher_dir {teacher} exists but is not a pipeline folder (no model_index.json); "
+              "pass an empty or missing folder to build one there", file=sys.stderr)
+        return 2
+    mode = "quick" if args.quick else "full"
+    try:
+        results = run_benchmark(args.output_dir, config, teacher, args.rebuild_teacher, args.fresh,
+                                echo=not args.quiet, description=f"Mode: {mode}. Teacher: {teacher}.")
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.output_dir)
+    print((out / "table.md").read_text(encoding="utf-8"))
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'grid.png'}, {out / 'plot.png'} "
+          f"in {results['wall_time_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Shapes teacher build and the end-to-end distillation benchmark (evaluation/shapes/{teacher,benchmark}.py).
+
+Fast tests check the report writers against hand-made results, the stage runner's skip logic and the
+teacher build's determinism and latent normalisation; the slow test runs the whole benchmark (every
+real CLI) on a teacher trained for a handful of steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.shapes import benchmark as B
+from evaluation.shapes import teacher as T
+from evaluation.summarize_geneval import TASKS
+
+TAGS = [tag for tag, _ in TASKS]
+
+
+def _row(model: str, nfe: int, overall: float, folder: Path | None = None) -> dict:
+    # task accuracies whose unweighted mean is `overall` (alternating ±0.05 around it)
+    tasks = {tag: overall + (0.05 if k % 2 else -0.05) for k, tag in enumerate(TAGS)}
+    return {"model": model, "nfe": nfe, "overall": overall, "tasks": tasks, "samples_dir": str(folder or "/nonexistent")}
+
+
+def _micro_teacher_config(seed: int = 0) -> T.TeacherConfig:
+    return replace(T.TeacherConfig(), seed=seed, num_images=24, vae_steps=2, vae_batch_size=4, steps=2, batch_size=4,
+                   warmup_steps=1, eval_prompts_per_tag=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Targets and table
+
+
+def test_targets_against_hand_computed_ratios():
+    rows = [_row("teacher", 1, 0.10), _row("teacher", 2, 0.30), _row("teacher", 28, 0.80),
+            _row("sCM", 1, 0.60), _row("sCM", 2, 0.76), _row("MeanFlow", 4, 0.70), _row("MeanFlow", 1, 0.15)]
+    targets = {(t["model"], t["nfe"], t["kind"]): t for t in B.evaluate_targets(rows, 28, margin=0.10)}
+    assert targets[("sCM", 2, "relative")]["value"] == pytest.approx(0.95)  # 0.76 / 0.80
+    assert targets[("sCM", 2, "relative")]["met"] is True
+    assert targets[("sCM", 1, "relative")]["value"] == pytest.approx(0.75)  # 0.60 / 0.80 < 0.8
+    assert targets[("sCM", 1, "relative")]["met"] is False
+    assert targets[("MeanFlow", 4, "relative")]["value"] == pytest.approx(0.875)
+    assert targets[("MeanFlow", 4, "relative")]["met"] is False
+    assert targets[("sCM", 1, "margin")]["value"] == pytest.approx(0.50)  # 0.60 − teacher@1 0.10
+    assert targets[("MeanFlow", 1, "margin")]["value"] == pytest.approx(0.05)
+    assert targets[("MeanFlow", 1, "margin")]["met"] is False  # beats the teacher, but not by 10 points
+    assert targets[("MeanFlow", 4, "margin")]["met"] is None  # no teacher@4 row: not measured
+
+
+def test_table_rows_columns_and_relative_scores():
+    rows = [_row("teacher", 28, 0.80), _row("sCM", 2, 0.60)]
+    table = B.format_table(rows, 28).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[2:8] == [title for _, title in TASKS]  # the paper's column order
+    cells = [c.strip() for c in table[3].strip("|").split("|")]
+    assert cells[0] == "sCM" and cells[1] == "2"
+    assert [float(c) for c in cells[2:8]] == pytest.approx([100 * rows[1]["tasks"][t] for t in TAGS], abs=0.05)
+    assert cells[8] == "**60.0**"
+    assert cells[9] == "75%"  # 60 / 80
+    assert len(table) == 2 + len(rows)
+
+
+def test_grid_columns_round_robin_over_tags():
+    metadata = [{"tag": tag, "prompt": f"{tag} {k}"} for tag in TAGS for k in range(3)]
+    cols = B.grid_columns(metadata, 8)
+    assert cols == [0, 3, 6, 9, 12, 15, 1, 4]  # first prompt of each tag, then second ones
+    assert B.grid_columns(metadata[:2], 8) == [0, 1]  # never more than exists
+
+
+# --------------------------------------------------------------------------------------------
+# Grid and plot images
+
+
+def _fake_samples(root: Path, colours: list[tuple[int, int, int]], n_prompts: int) -> list[dict]:
+    from evaluation.geneval_layout import sample_path, write_prompt_metadata
+
+    metadata = [{"tag": TAGS[i % len(TAGS)], "prompt": f"a photo of prompt {i}"} for i in range(n_prompts)]
+    for i, spec in enumerate(metadata):
+        write_prompt_metadata(root, i, spec)
+        Image.new("RGB", (64, 64), colours[i]).save(sample_path(root, i, 0))
+    return metadata
+
+
+def test_grid_places_sample_zero_of_each_prompt_in_its_row_and_column(tmp_path):
+    colours_a = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    colours_b = [(255, 255, 0), (0, 255, 255), (255, 0, 255)]
+    meta = _fake_samples(tmp_path / "a", colours_a, 3)
+    _fake_samples(tmp_path / "b", colours_b, 3)
+    rows = [_row("teacher", 28, 0.5, tmp_path / "a"), _row("sCM", 1, 0.4, tmp_path / "b")]
+    columns = [2, 0]
+    path = B.draw_grid(rows, meta, columns, tmp_path / "grid.png", cell=40)
+    with Image.open(path) as im:
+        grid = np.asarray(im.convert("RGB"))
+    # recover the layout from the image itself: the pixel rows/columns that hold the sample colours
+    for r, colours in enumerate((colours_a, colours_b)):
+        for c, index in enumerate(columns):
+            hits = np.argwhere(np.all(grid == colours[index], axis=-1))
+            assert len(hits) == 40 * 40, f"row {r} col {c}: expected one 40x40 cell"
+            (y0, x0), (y1, x1) = hits.min(0), hits.max(0)
+            assert (y1 - y0, x1 - x0) == (39, 39)
+            if c > 0:  # columns left to right in the requested order, same x in both rows
+                prev = np.argwhere(np.all(grid == colours[columns[c - 1]], axis=-1)).min(0)
+                assert x0 > prev[1] and y0 == prev[0]
+        if r > 0:
+            assert np.argwhere(np.all(grid == colours_b[2], axis=-1)).min(0)[0] > np.argwhere(
+                np.all(grid == colours_a[2], axis=-1)).min(0)[0]
+    # the prompt that was not chosen is not drawn
+    assert not np.all(grid == colours_a[1], axis=-1).any()
+
+
+def test_plot_marks_each_score_at_its_nfe(tmp_path):
+    rows = [_row("teacher", 1, 0.1), _row("teacher", 28, 0.9), _row("sCM", 2, 0.5), _row("MeanFlow", 4, 0.75)]
+    size = (720, 460)
+    path = B.draw_plot(rows, tmp_path / "plot.png", size)
+    with Image.open(path) as im:
+        assert im.size == size
+        pixels = np.asarray(im.convert("RGB"))
+    xy = B.plot_transform([1, 2, 4, 28], size)
+    for row in rows:
+        x, y = xy(row["nfe"], row["overall"])
+        assert tuple(pixels[round(y), round(x)]) == B._COLORS[row["model"]], row
+    # log2 axis: NFE 2 lies a fifth of the way from 1 to 28? no — log2(2)/log2(28) of it
+    x1, _ = xy(1, 0)
+    x28, _ = xy(28, 0)
+    x2, _ = xy(2, 0)
+    assert (x2 - x1) / (x28 - x1) == pytest.approx(1 / math.log2(28))
+
+
+def test_write_report_writes_all_four_files(tmp_path):
+    meta = _fake_samples(tmp_path / "a", [(255, 0, 0), (0, 255, 0)], 2)
+    rows = [_row("teacher", 28, 0.8, tmp_path / "a"), _row("sCM", 2, 0.7, tmp_path / "a")]
+    results = {"rows": rows, "reference_nfe": 28, "targets": B.evaluate_targets(rows), "wall_time_s": 60.0}
+    paths = B.write_report(tmp_path, results, meta)
+    assert json.loads(paths["results"].read_text())["rows"][1]["overall"] == 0.7
+    assert "| sCM | 2 |" in paths["table"].read_text()
+    assert "sCM at NFE 2 >= 90% of the teacher at 28 steps: 87.5% — **MISSED**" in paths["table"].read_text()
+    for key in ("grid", "plot"):
+        with Image.open(paths[key]) as im:
+            assert im.format == "PNG"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage runner
+
+
+def test_runner_skips_finished_stages_and_reruns_changed_ones(tmp_path):
+    out = tmp_path / "run"
+    target = tmp_path / "target.txt"
+    script = f"import pathlib; p = pathlib.Path({str(target)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')"
+    runner = B.Runner(out, threads=1, echo=False)
+    runner.run("stage", [sys.executable, "-c", script], expect=[target])
+    runner.run("stage", [sys.executable, "-c", script], expect=[target])
+    assert target.read_text() == "x"  # second call reused
+    assert [r.reused for r in runner.records] == [False, True]
+    runner.run("stage", [sys.executable, "-c", script + " # changed"], expect=[target])
+    assert target.read_text() == "xx"
+    target.unlink()  # output gone: the stage runs again even with the same command
+    runner.run("stage", [sys.executable, "-c", script + " # changed"], expect=[target])
+    assert target.read_text() == "x"
+    log = (out / "commands.log").read_text()
+    assert log.count("stage:") == 4 and "reused" in log
+
+
+def test_runner_reports_a_failing_stage(tmp_path):
+    runner = B.Runner(tmp_path / "run", threads=1, echo=False)
+    with pytest.raises(B.BenchmarkError, match=r"stage bad failed \(exit 3\).*boom"):
+        runner.run("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    assert not (tmp_path / "run" / "stages" / "bad.json").exists()
+    with pytest.raises(B.BenchmarkError, match="did not write"):
+        runner.run("lazy", [sys.executable, "-c", "pass"], expect=[tmp_path / "never"])
+
+
+def test_benchmark_cli_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        B.main(["--output_dir", "x", "--student_nfes", "0"])
+    assert exc.value.code == 2
+    assert B.main(["--output_dir", "x", "--scm_steps", "0"]) == 2
+    assert "scm_steps must be >= 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher
+
+
+def test_warmup_cosine_lr_closed_form():
+    assert T.warmup_cosine_lr(0, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert T.warmup_cosine_lr(9, 100, 10, 1.0, 0.1) == pytest.approx(1.0)
+    assert T.warmup_cosine_lr(55, 100, 10, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert T.warmup_cosine_lr(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_teacher_config_validation():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        replace(T.TeacherConfig(), resolution=60).validate()
+    with pytest.raises(ValueError, match="caption_dropout"):
+        replace(T.TeacherConfig(), caption_dropout=1.0).validate()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_teacher_build_is_deterministic_and_normalises_latents(tmp_path):
+    import torch
+    from diffusers import FluxPipeline
+
+    from evaluation.shapes.domain import generate_examples
+
+    info_a = T.build_teacher(tmp_path / "a", _micro_teacher_config(), progress=False)
+    T.build_teacher(tmp_path / "b", _micro_teacher_config(), progress=False)
+    T.build_teacher(tmp_path / "c", _micro_teacher_config(seed=1), progress=False)
+    a, b, c = (_files(tmp_path / n) for n in "abc")
+    assert set(a) >= {"transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"}
+    assert a == b  # same seed: identical bytes
+    assert a["transformer/diffusion_pytorch_model.safetensors"] != c["transformer/diffusion_pytorch_model.safetensors"]
+    assert not list(tmp_path.glob(".*"))  # no temporary folders left behind
+
+    # The stored pipeline loads with diffusers' own class, in float32, with the FLUX layout.
+    pipe = FluxPipeline.from_pretrained(tmp_path / "a")
+    assert pipe.transformer.dtype == torch.float32 and pipe.vae_scale_factor == 4
+    assert pipe.transformer.config.in_channels == 4 * pipe.vae.config.latent_channels
+    assert T.read_build_info(tmp_path / "a")["config"]["seed"] == 0
+    # shift/scale make the posterior means of the training images zero-mean, unit-std (independent
+    # numpy recomputation over the same images)
+    rows = generate_examples(24, 64, 0, "train")
+    images = T._images_from_rows(rows)
+    with torch.no_grad():
+        mu = pipe.vae.encode(T._to_pixels(images)).latent_dist.mean.double().numpy()
+    normalised = (mu - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    assert normalised.mean() == pytest.approx(0.0, abs=1e-4)
+    assert normalised.std() == pytest.approx(1.0, abs=1e-4)
+    assert info_a["vae"]["shift_factor"] == pytest.approx(pipe.vae.config.shift_factor)
+
+
+def test_ensure_teacher_reuses_a_matching_build(tmp_path):
+    config = _micro_teacher_config()
+    folder, _, rebuilt = T.ensure_teacher(tmp_path / "t", config, progress=False)
+    assert rebuilt
+    stamp = (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    _, _, rebuilt = T.ensure_teacher(tmp_path / "t", replace(config, eval_samples=3), progress=False)
+    assert not rebuilt  # evaluation settings do not change the weights
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    _, info, rebuilt = T.ensure_teacher(tmp_path / "t", replace(config, steps=3), progress=False)
+    assert rebuilt and info["config"]["steps"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_on_a_micro_teacher(tmp_path):
+    teacher = tmp_path / "teacher"
+    T.build_teacher(teacher, _micro_teacher_config(), progress=False)
+    config = replace(B.BenchmarkConfig(), num_images=16, heldout_prompts_per_tag=1, n_samples=1, sample_batch_size=6,
+                     teacher_nfes=(1, 2), rescaled_nfes=(2,), student_nfes=(1,), rescale_steps=2,
+                     rescale_batch_size=2, scm_steps=2, scm_batch_size=2, meanflow_steps=2, meanflow_batch_size=2,
+                     grid_prompts=3)
+    out = tmp_path / "bench"
+    results = B.run_benchmark(out, config, teacher, echo=False)
+    for name in ("results.json", "table.md", "grid.png", "plot.png", "commands.log"):
+        assert (out / name).is_file(), name
+    rows = {(r["model"], r["nfe"]) for r in results["rows"]}
+    assert rows == {("teacher", 1), ("teacher", 2), ("rescaled", 2), ("sCM", 1), ("MeanFlow", 1)}
+    for row in results["rows"]:
+        assert row["total_images"] == 6 and set(row["tasks"]) == set(TAGS)
+    assert results["reference_nfe"] == 2
+    stages = [c["stage"] for c in results["commands"]]
+    assert stages[:4] == ["data", "rescale", "sCM", "MeanFlow"]
+    with Image.open(out / "grid.png") as im:
+        assert im.size[1] > 5 * 128  # five model@NFE rows
+    # a second run reuses every stage and gives the same scores
+    again = B.run_benchmark(out, config, teacher, echo=False)
+    assert all(c["reused"] for c in again["commands"])
+    assert [r["overall"] for r in again["rows"]] == [r["overall"] for r in results["rows"]]
