@@ -76,7 +76,7 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         step = int(meta["step"]) if "step" in meta else None
     else:
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no 2x RAM for 8B files
         except Exception as exc:  # noqa: BLE001 - re-raised with context
             raise CheckpointError(f"could not read {path} as a torch checkpoint: {exc}") from exc
         if not isinstance(payload, dict) or "module" not in payload:

@@ -145,16 +145,12 @@ def test_flag_parsing_matches_the_original_forms(tiny_assets, tmp_path):
 def test_unconditional_embedding_is_diffusers_encoding_of_a_space(tiny_assets):
     from diffusers import FluxPipeline
 
-    from training.meanflow import MeanFlowMethod
+    from model.flux_io import FluxConditioner, load_flux_components
+    from training.meanflow import MeanFlowLoss, MeanFlowLossConfig, MeanFlowMethod
 
     pipe, _ = tiny_assets
-    args = argparse.Namespace(pretrained_model_name_or_path=str(pipe), max_sequence_length=32, revision=None,
-                              path_type="linear", time_sampler="logit_normal", time_mu=-0.4, time_sigma=1.0,
-                              ratio_r_not_equal_t=0.75, weighting="adaptive", adaptive_p=1.0, cfg_scale=(4.0,),
-                              cfg_prob=0.1, use_cfg_meanflow=True, cfg_omega=1.0, cfg_kappa=0.0, cfg_min_t=0.0,
-                              cfg_max_t=1.0, jvp_velocity="data", cfg_velocity_interval="zero",
-                              dual_time_init="copy", jvp_attention="chunked", ds_file=None, mixed_precision=None)
-    method = MeanFlowMethod.from_args(args, "cpu")
+    method = MeanFlowMethod(MeanFlowLoss(MeanFlowLossConfig()), None)
+    method.setup(FluxConditioner(load_flux_components(str(pipe)), "cpu", max_sequence_length=32))
     reference = FluxPipeline.from_pretrained(str(pipe), transformer=None)
     with torch.no_grad():
         embeds, pooled, _ = reference.encode_prompt([" "], prompt_2=None, max_sequence_length=32)
@@ -163,18 +159,6 @@ def test_unconditional_embedding_is_diffusers_encoding_of_a_space(tiny_assets):
     torch.testing.assert_close(method.uncond.encoder_hidden_states, embeds.float())
     torch.testing.assert_close(method.uncond.pooled_projections, pooled.float())
     assert not torch.allclose(embeds, other)
-
-
-def test_unconditional_prompt_encoded_in_the_trainers_text_precision(tmp_path):
-    from training.meanflow import training_text_dtype
-
-    ns = lambda **kw: argparse.Namespace(**{"ds_file": None, "mixed_precision": None, **kw})
-    assert training_text_dtype(ns()) == torch.float32
-    assert training_text_dtype(ns(mixed_precision="bf16")) == torch.bfloat16
-    assert training_text_dtype(ns(ds_file=str(REPO_ROOT / "parallel_config" / "deepspeed_bf16_batch1.json"))) == torch.bfloat16
-    fp32_ds = tmp_path / "ds.json"
-    fp32_ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    assert training_text_dtype(ns(ds_file=str(fp32_ds), mixed_precision="bf16")) == torch.float32  # DS config wins
 
 
 @pytest.mark.slow

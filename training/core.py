@@ -78,6 +78,8 @@ class DistillMethod(Protocol):
         """(state dict in the original ``module`` format, transformer config) of the student."""
 
     # Optional: ``resume_invariants: tuple[str, ...]`` — extra flag names that must not change on resume.
+    # Optional: ``setup(conditioner)`` — called once with the run's FluxConditioner before the models are
+    #   built, for methods that need fixed text embeddings (MeanFlow's " ") from the same encoders.
 
 
 @dataclass
@@ -467,6 +469,8 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
     pipe.vae.to(torch.float32)
     check_resolution(args.resolution, pipe.vae_scale_factor)
     conditioner = FluxConditioner(pipe, accelerator.device, args.max_sequence_length)
+    if hasattr(method, "setup"):
+        method.setup(conditioner)
     teacher_tf, student_tf = load_transformers(args)
     student, teacher = method.build_models(args, teacher_tf, student_tf)
     teacher.requires_grad_(False).eval().to(accelerator.device, _weight_dtype(accelerator))

@@ -67,12 +67,9 @@ checkpointing is inactive there by itself (diffusers only checkpoints when grad 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -176,33 +173,10 @@ class UncondEmbedding:
         return UncondEmbedding(self.encoder_hidden_states.to(device), self.pooled_projections.to(device))
 
 
-def training_text_dtype(args: argparse.Namespace) -> torch.dtype:
-    """The precision ``training.core`` loads the text encoders in (the Accelerator's mixed precision).
-
-    Mirrors the core (DeepSpeed config's bf16/fp16 switch, else ``--mixed_precision``, else accelerate's
-    ``ACCELERATE_MIXED_PRECISION``) so " " is encoded exactly like the training captions.
-    """
-    if getattr(args, "ds_file", None):
-        config = json.loads(Path(args.ds_file).read_text())
-        mixed = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get("enabled") else "no"
-    else:
-        mixed = getattr(args, "mixed_precision", None) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
-
-
-def encode_unconditional(pretrained: str, max_sequence_length: int, revision: str | None = None,
-                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> UncondEmbedding:
-    """Embeddings of " " from the pipeline's own CLIP + T5 (same code path as the training captions)."""
-    from model.flux_io import FluxConditioner, load_flux_components
-
-    pipe = load_flux_components(pretrained, revision=revision, dtype=dtype)
-    conditioner = FluxConditioner(pipe, device, max_sequence_length)
+def encode_unconditional(conditioner) -> UncondEmbedding:
+    """Embeddings of " " from the run's own CLIP + T5 (same encoders and precision as the captions)."""
     prompt_embeds, pooled, _ = conditioner.encode_prompts([" "])
-    out = UncondEmbedding(prompt_embeds.detach().float().cpu(), pooled.detach().float().cpu())
-    del conditioner, pipe  # the encoders are large for real FLUX (T5-XXL); the trainer loads its own
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return out
+    return UncondEmbedding(prompt_embeds.detach().float().cpu(), pooled.detach().float().cpu())
 
 
 def path_coefficients(path_type: str, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -401,13 +375,6 @@ class FlowTeacher(nn.Module):
         return flow_velocity(self.transformer, z, t.reshape(-1), inputs)
 
 
-def _encode_device() -> torch.device:
-    """This process's accelerator (for encoding " " once), before the Accelerator exists."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 class MeanFlowMethod:
     """MeanFlow on the shared core (``training.core.DistillMethod``): dual-time student, flow teacher."""
 
@@ -423,12 +390,13 @@ class MeanFlowMethod:
         self.jvp_attention = jvp_attention
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device | str | None = None) -> "MeanFlowMethod":
-        """Build from the parsed flags; encodes " " once through the pipeline's text encoders."""
-        uncond = encode_unconditional(args.pretrained_model_name_or_path, args.max_sequence_length,
-                                      revision=args.revision, device=device if device is not None else _encode_device(),
-                                      dtype=training_text_dtype(args))
-        return cls(MeanFlowLoss(MeanFlowLossConfig.from_args(args)), uncond, args.dual_time_init, args.jvp_attention)
+    def from_args(cls, args: argparse.Namespace) -> "MeanFlowMethod":
+        """Build from the parsed flags; " " is encoded in :meth:`setup` by the training core."""
+        return cls(MeanFlowLoss(MeanFlowLossConfig.from_args(args)), None, args.dual_time_init, args.jvp_attention)
+
+    def setup(self, conditioner) -> None:
+        """Encode the unconditional prompt " " once with the run's text encoders (core hook)."""
+        self.uncond = encode_unconditional(conditioner)
 
     def build_models(self, args: argparse.Namespace, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, nn.Module]:
         if teacher.time_text_embed.interval_embedder is not None:
