@@ -97,6 +97,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--checkpointing_steps", type=int, default=1000,
                    help="Every N steps: full resumable state in checkpoints/ and ckpts/transformer_<step>.pt.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N full checkpoints.")
+    g.add_argument("--exports_total_limit", type=int, default=None,
+                   help="Keep only the newest N ckpts/transformer_<step>.pt exports (16 GB each for an 8B student).")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' or a checkpoints/checkpoint-<step> folder: continue that run exactly.")
     g.add_argument("--report_to", default="tensorboard",

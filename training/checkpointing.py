@@ -36,7 +36,7 @@ RESUME_INVARIANTS = ("method", "pretrained_model_name_or_path", "rescaled_checkp
                      "distributed_type", "seed")
 # Flags that may legitimately change between a run and its resumption, without a warning.
 RESUME_FREE = ("resume_from_checkpoint", "output_dir", "max_train_steps", "checkpointing_steps",
-               "checkpoints_total_limit", "report_to", "logging_steps", "dataloader_num_workers", "cache_dir",
+               "checkpoints_total_limit", "exports_total_limit", "report_to", "logging_steps", "dataloader_num_workers", "cache_dir",
                "max_nonfinite_steps", "max_bad_sample_fraction", "step")
 
 
@@ -192,6 +192,19 @@ def abort_checkpoint(output_dir: str, step: int) -> None:
 
 def export_path(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / "ckpts" / f"transformer_{step}.pt"
+
+
+def prune_exports(output_dir: str | os.PathLike, keep: int | None) -> None:
+    """Remove all but the newest ``keep`` ``ckpts/transformer_<step>.pt`` files (None/0: keep all)."""
+    if not keep or keep < 1:
+        return
+    found = sorted((int(m.group(1)), p) for p in (Path(output_dir) / "ckpts").glob("transformer_*.pt")
+                   if (m := re.fullmatch(r"transformer_(\d+)\.pt", p.name)))
+    for _, old in found[:-keep]:
+        try:
+            old.unlink()
+        except OSError as exc:  # pruning is best effort, as for full checkpoints
+            logger.warning("could not remove the old export %s: %s", old, exc)
 
 
 def export_transformer(path: str | os.PathLike, state_dict: dict, config: dict, step: int) -> None:

@@ -409,6 +409,7 @@ def _save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, method:
             module, transformer_config = method.export_state_dict(accelerator.unwrap_model(student))
             ckpt.export_transformer(ckpt.export_path(out, step), module, transformer_config, step)
             ckpt.finish_checkpoint(tmp, step, config, args.checkpoints_total_limit)
+            ckpt.prune_exports(out, getattr(args, "exports_total_limit", None))
         except Exception as exc:  # noqa: BLE001
             failure = describe(exc)
     agree(failure)
