@@ -8,5 +8,5 @@ cd "$ROOT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR=cpu
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
-if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
+case " $* " in *" -m "*) ;; *) set -- -m "not slow" "$@" ;; esac  # slow tests only when asked for
 exec "$ROOT/.venv/bin/python" -m pytest "$@"
