@@ -478,7 +478,26 @@ def _prepare_hf(ds, image_column: str, caption_column: str, select: bool = True)
     return ds
 
 
-class Text2ImageDataset(torch.utils.data.Dataset):
+class _TransformedDataset:
+    """What the map-style and streaming datasets share: their :class:`Text2ImageTransform`."""
+
+    transform: "Text2ImageTransform"
+
+    @property
+    def resolution(self) -> int:
+        return self.transform.resolution
+
+    @property
+    def collate_fn(self) -> "Text2ImageCollator":
+        """A collate function that knows the resolution (gives ``[0, 3, R, R]`` when all are bad)."""
+        return Text2ImageCollator(self.resolution)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary random crops / flips between epochs (they are seeded by seed, epoch and index)."""
+        self.transform.set_epoch(epoch)
+
+
+class Text2ImageDataset(_TransformedDataset, torch.utils.data.Dataset):
     """Map-style text-to-image dataset over a `datasets` ``Dataset`` (or a list of row dicts).
 
     ``dataset[i]`` is ``{"pixel_values": Tensor[3, R, R] in [-1, 1], "caption": str, "index": i}``
@@ -514,18 +533,6 @@ class Text2ImageDataset(torch.utils.data.Dataset):
             resolution, image_column, caption_column, center_crop, random_flip, data_dir, seed
         )
 
-    @property
-    def resolution(self) -> int:
-        return self.transform.resolution
-
-    @property
-    def collate_fn(self) -> "Text2ImageCollator":
-        """A collate function that knows the resolution (gives ``[0, 3, R, R]`` when all are bad)."""
-        return Text2ImageCollator(self.resolution)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Vary random crops / flips between epochs (they are seeded by seed, epoch and index)."""
-        self.transform.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -543,7 +550,7 @@ class Text2ImageDataset(torch.utils.data.Dataset):
         return self.transform(row, int(index))
 
 
-class StreamingText2ImageDataset(torch.utils.data.IterableDataset):
+class StreamingText2ImageDataset(_TransformedDataset, torch.utils.data.IterableDataset):
     """Iterable text-to-image dataset (e.g. ``load_hf_dataset(..., streaming=True)``).
 
     Same samples and bad-sample behaviour as :class:`Text2ImageDataset`; ``index`` is the row's
@@ -576,16 +583,8 @@ class StreamingText2ImageDataset(torch.utils.data.IterableDataset):
             resolution, image_column, caption_column, center_crop, random_flip, data_dir, seed
         )
 
-    @property
-    def resolution(self) -> int:
-        return self.transform.resolution
-
-    @property
-    def collate_fn(self) -> "Text2ImageCollator":
-        return Text2ImageCollator(self.resolution)
-
     def set_epoch(self, epoch: int) -> None:
-        self.transform.set_epoch(epoch)
+        super().set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
