@@ -167,6 +167,18 @@ def test_runner_skips_finished_stages_and_reruns_changed_ones(tmp_path):
     assert target.read_text() == "x"
     log = (out / "commands.log").read_text()
     assert log.count("stage:") == 4 and "reused" in log
+    other = B.Runner(out, threads=1, echo=False, context="another teacher")
+    other.run("stage", [sys.executable, "-c", script + " # changed"], expect=[target])
+    assert target.read_text() == "xx" and not other.records[0].reused  # new context: runs again
+
+
+def test_teacher_fingerprint_follows_the_weights(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "w.safetensors").write_bytes(b"1")
+    first = B.teacher_fingerprint(tmp_path)
+    assert B.teacher_fingerprint(tmp_path) == first
+    (tmp_path / "a" / "w.safetensors").write_bytes(b"2")
+    assert B.teacher_fingerprint(tmp_path) != first
 
 
 def test_runner_reports_a_failing_stage(tmp_path):

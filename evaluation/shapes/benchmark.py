@@ -143,9 +143,11 @@ class Runner:
     """Runs stage commands as subprocesses, tees their output (progress bars included) to the
     console and ``OUT/logs/<stage>.log``, and skips stages already finished with the same command."""
 
-    def __init__(self, out: Path, threads: int, fresh: bool = False, echo: bool = True):
+    def __init__(self, out: Path, threads: int, fresh: bool = False, echo: bool = True, context: str = ""):
         self.out = out
         self.fresh = fresh
+        #: Recorded with every finished stage; a different context (e.g. another teacher) reruns it.
+        self.context = context
         self.echo = echo
         self.records: list[CommandRecord] = []
         (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -167,7 +169,7 @@ class Runner:
         log_path = self.out / "logs" / f"{stage}.log"
         if not self.fresh and stamp.is_file() and all(Path(p).exists() for p in expect):
             done = json.loads(stamp.read_text(encoding="utf-8"))
-            if done.get("command") == command:
+            if done.get("command") == command and done.get("context", "") == self.context:
                 record = CommandRecord(stage, command, done.get("seconds", 0.0), 0, str(log_path), reused=True)
                 self.records.append(record)
                 self._log_line(record)
@@ -200,7 +202,8 @@ class Runner:
         missing = [str(p) for p in expect if not Path(p).exists()]
         if missing:
             raise BenchmarkError(f"stage {stage} finished but did not write {', '.join(missing)} (log {log_path})")
-        stamp.write_text(json.dumps({"command": command, "seconds": seconds}) + "\n", encoding="utf-8")
+        stamp.write_text(json.dumps({"command": command, "seconds": seconds, "context": self.context}) + "\n",
+                         encoding="utf-8")
         return record
 
     def _say(self, text: str) -> None:
@@ -473,6 +476,18 @@ def write_report(out: PathLike, results: dict, metadata: Sequence[dict]) -> dict
 # The benchmark
 
 
+def teacher_fingerprint(folder: PathLike) -> str:
+    """SHA-256 over the weight files of a pipeline folder (names and bytes, sorted)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _python() -> str:
     return sys.executable
 
@@ -497,6 +512,8 @@ def run_benchmark(out: PathLike, config: BenchmarkConfig, teacher_dir: PathLike 
         runner.fresh = True  # a new teacher invalidates every later stage
         runner.run("teacher", [py, "-m", "evaluation.shapes.teacher", "--output_dir", teacher_dir,
                                "--seed", config.seed], expect=[teacher_dir / "model_index.json"])
+    # later stages are reused only for this very teacher (same weights)
+    runner.context = teacher_fingerprint(teacher_dir)
     info = read_build_info(teacher_dir) or {}
     seq_len = int(info.get("config", {}).get("max_sequence_length", 16))
     common_model = ["--pretrained_model_name_or_path", teacher_dir]

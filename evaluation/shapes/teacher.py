@@ -21,7 +21,8 @@ the project runs on it unchanged. Components and how they are obtained:
       x₀ = pack((VAE(x) − shift)·scale),  ε ~ N(0, I),  z_t = (1 − t)·x₀ + t·ε,  v = ε − x₀
       L = ‖v_θ(z_t, t, g, c) − v‖² / dim(x₀)
 
-  with ``t`` drawn half from logit-normal(0, 1) (SD3's proposal: mid times, where the content is
+  starting from DiT's adaLN-Zero initialisation (every block the identity, output 0), with ``t``
+  drawn half from logit-normal(0, 1) (SD3's proposal: mid times, where the content is
   decided) and half from U(0, 1) (so the ends, used by 1-step students and the first sampler step,
   are covered too); caption dropout: with probability ``caption_dropout`` the caption is replaced by
   ``" "`` (the unconditional prompt of the MeanFlow trainer).
@@ -122,6 +123,8 @@ class TeacherConfig:
     guidance_min: float = 1.0
     guidance_max: float = 5.0
     caption_dropout: float = 0.1
+    #: Start the transformer from DiT's adaLN-Zero initialisation (see :func:`adaln_zero_init`).
+    adaln_zero_init: bool = True
     # evaluation of the stored teacher (held-out prompts)
     eval_prompts_per_tag: int = 8
     eval_samples: int = 2
@@ -348,6 +351,30 @@ def _encode_latents(conditioner, images: np.ndarray, batch_size: int = 64, progr
     return torch.cat(out)
 
 
+def adaln_zero_init(transformer) -> int:
+    """DiT's adaLN-Zero initialisation on a FLUX transformer; returns the number of zeroed layers.
+
+    Zeroes the linear layers that produce the adaptive-norm shift/scale/gate of every double- and
+    single-stream block and of the output norm, and the output projection. Each block then starts as
+    the identity (its residual branches are gated by 0) and the model outputs v = 0: Peebles & Xie
+    (2023) found this the fastest-converging conditioning/initialisation. It changes initial values
+    only; the architecture is the stock one.
+    """
+    from torch import nn
+
+    layers = []
+    for block in transformer.transformer_blocks:
+        layers += [block.norm1.linear, block.norm1_context.linear]
+    for block in transformer.single_transformer_blocks:
+        layers.append(block.norm.linear)
+    layers += [transformer.norm_out.linear, transformer.proj_out]
+    for layer in layers:
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    return len(layers)
+
+
 def sample_flow_times(batch: int, generator) -> "torch.Tensor":
     """Half logit-normal(0, 1), half U(0, 1) flow times in (0, 1)."""
     import torch
@@ -563,6 +590,8 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
         # 5. flow matching
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
+        if config.adaln_zero_init:
+            adaln_zero_init(pipe.transformer)
         state, tf_history = train_transformer(pipe.transformer, latents, embeds, pooled, caption_index, uncond_embeds,
                                               uncond_pooled, txt_ids, img_ids, config, progress, log)
         pipe.transformer.load_state_dict(state)
