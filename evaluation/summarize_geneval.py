@@ -207,13 +207,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--json", dest="json_out", default=None, help="also write the summary as JSON to this path")
     args = parser.parse_args(argv)
-    summary = summarize(args.results, args.metadata)
+    report_summary(args.results, args.metadata, args.json_out)
+    return 0
+
+
+def report_summary(results, metadata=None, json_out=None) -> dict:
+    """Summarise a results jsonl, print the per-task table and optionally write it as JSON."""
+    summary = summarize(results, metadata)
     print(format_summary(summary))
-    if args.json_out:
-        out = Path(args.json_out)
+    if json_out:
+        out = Path(json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

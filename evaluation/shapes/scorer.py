@@ -316,7 +316,7 @@ def score_folder(image_dir: Union[str, Path], outfile: Union[None, str, Path] = 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from evaluation.summarize_geneval import format_summary, summarize
+    from evaluation.summarize_geneval import report_summary
 
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.shapes.scorer",
@@ -349,12 +349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not rows:
         print(f"no images found under {args.image_dir}", file=sys.stderr)
         return 1
-    summary = summarize(args.outfile, args.metadata)
-    print(format_summary(summary))
-    if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    report_summary(args.outfile, args.metadata, args.json_out)
     return 0
 
 
