@@ -293,3 +293,39 @@ def test_benchmark_end_to_end_on_a_micro_teacher(tmp_path):
     again = B.run_benchmark(out, config, teacher, echo=False)
     assert all(c["reused"] for c in again["commands"])
     assert [r["overall"] for r in again["rows"]] == [r["overall"] for r in results["rows"]]
+
+
+# --------------------------------------------------------------------------------------------
+# The committed teacher (assets/shapes_teacher) that quickstart and the benchmark reuse
+
+
+def test_cached_teacher_is_current_and_its_vae_keeps_the_scene():
+    """The committed teacher must be the one the build script makes today (else ensure_teacher would
+    silently spend ~50 min rebuilding it), load offline through diffusers' FluxPipeline, and carry a
+    VAE whose reconstructions of fresh held-out images still satisfy their prompts."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from evaluation.shapes.domain import generate_examples
+    from evaluation.shapes.scorer import detect, evaluate
+
+    folder = B.DEFAULT_TEACHER_DIR
+    assert (folder / "model_index.json").is_file(), f"{folder} is missing: run python -m evaluation.shapes.teacher"
+    info = T.read_build_info(folder)
+    assert info is not None
+    assert T._config_key(info["config"]) == T._config_key(T.TeacherConfig().to_dict())
+    _, reused_info, rebuilt = T.ensure_teacher(folder, progress=False)
+    assert not rebuilt and reused_info == info
+
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
+    rows = generate_examples(36, 64, seed=1234, split="heldout")
+    images = T._images_from_rows(rows)
+    with torch.no_grad():
+        latents = pipe.vae.encode(T._to_pixels(images)).latent_dist.mean
+        recon = pipe.vae.decode(latents).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    correct = [evaluate(detect(r)[0], json.loads(row["metadata"]))[0] for r, row in zip(recon, rows)]
+    assert np.mean(correct) >= 0.9
+    # the latent normalisation makes the flow model's data unit-variance (as FLUX's shift/scale)
+    normalised = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    assert float(normalised.std()) == pytest.approx(1.0, abs=0.15)

@@ -112,7 +112,7 @@ class TeacherConfig:
     vae_kl_weight: float = 1e-4
     vae_mid_block_attention: bool = False
     # transformer (flow matching)
-    steps: int = 3000
+    steps: int = 7000
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -574,6 +574,9 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
         vae_report = vae_reconstruction_report(pipe.vae, check_images, check_specs)
         vae_report.update({"shift_factor": shift, "scaling_factor": scale,
                            "final_l1": vae_history[-1]["l1"] if vae_history else None})
+        if progress:
+            print(f"VAE trained: mean |error| {vae_report['mean_abs_error_8bit']:.2f}/255, scorer accuracy on "
+                  f"reconstructions {100 * vae_report['scorer_accuracy_reconstructed']:.1f}%", file=sys.stderr)
         timings["vae_s"] = time.perf_counter() - t0
 
         # 4. latents + text embeddings through the trainers' own conditioner
