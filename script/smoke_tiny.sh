@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The README's first command: set up the environment, then run the whole recipe end to end on the
-# embedded tiny default (CPU is enough, no downloads):
-#   build a tiny FLUX pipeline + dataset → rescale the teacher's time input → distil with sCM
-#   → sample a few prompts with the 2-step student → print where everything is.
-# Usage: bash script/quickstart.sh [OUT]   (default outputs/quickstart; re-running reuses what exists)
+# Plumbing check of the whole recipe on a *random* tiny FLUX (about 75 s on 2 cores, no downloads):
+#   build a tiny FLUX pipeline + image-caption parquet dataset (data/tiny_flux.py) → rescale the
+#   teacher's time input → distil with sCM → sample a few prompts with the 2-step student.
+# The images are noise (random weights); script/quickstart.sh shows distillation on a trained teacher.
+# Usage: bash script/smoke_tiny.sh [OUT]   (default outputs/smoke_tiny; re-running reuses what exists)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="$(mkdir -p "${1:-$ROOT/outputs/quickstart}" && cd "${1:-$ROOT/outputs/quickstart}" && pwd)"
+OUT="$(mkdir -p "${1:-$ROOT/outputs/smoke_tiny}" && cd "${1:-$ROOT/outputs/smoke_tiny}" && pwd)"
 bash "$ROOT/script/setup_env.sh"
 PY="$ROOT/.venv/bin/python"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MODEL_NAME="$OUT/tiny-flux" NUM_WORKERS=0
 cd "$ROOT"
-step() { printf '\n\033[1m[quickstart] %s\033[0m\n' "$*" >&2; }
+step() { printf '\n\033[1m[smoke_tiny] %s\033[0m\n' "$*" >&2; }
 
 step "1/4 tiny FLUX pipeline + dataset"
 "$PY" -m data.tiny_flux --output_dir "$OUT"
@@ -35,7 +35,7 @@ printf 'a red circle\na photo of two blue squares\na green triangle left of a ye
 
 cat >&2 <<EOF
 
-[quickstart] done. Everything is under $OUT:
+[smoke_tiny] done. Everything is under $OUT:
   tiny-flux/, tiny-data/           tiny random FLUX pipeline and dataset
   rescale/rescaled.pt              teacher with time inputs in [0, 1]
   sCM/ckpts/                       sCM student exports (original {'module': ...} format): $(basename "$CKPT")
