@@ -5,7 +5,7 @@
 #   -> OUT/results.json, OUT/table.md, OUT/grid.png, OUT/plot.png
 # Usage: bash script/toy_benchmark.sh [OUT] [--quick] [more evaluation.shapes.benchmark flags]
 #   OUT defaults to outputs/toy_benchmark (outputs/toy_benchmark_quick with --quick).
-#   Full run: about 45 min on 2 CPU cores; --quick: about 10 min. Re-running OUT skips finished stages
+#   Full run: about 15 min on 2 CPU cores; --quick: about 10 min. Re-running OUT skips finished stages
 #   (--fresh redoes them); --rebuild_teacher retrains the teacher too (about 50 min more).
 # Environment: OMP_NUM_THREADS (threads per stage; default: all cores, at most 4).
 set -euo pipefail
