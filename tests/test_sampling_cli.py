@@ -131,7 +131,10 @@ def test_teacher_cli_matches_diffusers_flux_pipeline(setup, tmp_path):
         images = pipe([prompt] * 2, height=64, width=64, num_inference_steps=28, guidance_scale=3.5, generator=gens,
                       max_sequence_length=32).images
         for k, image in enumerate(images):
-            np.testing.assert_array_equal(_pixels(out / f"{i:05d}" / "samples" / f"{k:04d}.png"), np.asarray(image))
+            # The CLI batches 4 images, diffusers 2 here: float32 sums in another order may flip the
+            # 8-bit rounding of a few pixels by one level, never more.
+            diff = np.abs(_pixels(out / f"{i:05d}" / "samples" / f"{k:04d}.png").astype(int) - np.asarray(image))
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
         assert json.loads((out / f"{i:05d}" / "metadata.jsonl").read_text()) == {"prompt": prompt}
 
 

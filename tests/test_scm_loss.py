@@ -67,7 +67,8 @@ def test_tangent_normalised_and_warmup():
     assert torch.all(norms < 1) and torch.all(norms > 0)
     # ‖g/(‖g‖+c)‖ = ‖g‖/(‖g‖+c)  ⇒  ‖g‖ = c·n/(1 − n): recovers the logged raw norms.
     recovered = 0.1 * norms / (1 - norms)
-    assert math.isclose(recovered.mean().item(), out.logs["g_norm"], rel_tol=1e-6)
+    # (the logged norm is accumulated in float32: ~1e-6 relative error, depending on thread count)
+    assert math.isclose(recovered.mean().item(), out.logs["g_norm"], rel_tol=1e-5)
 
 
 def test_loss_gradient_reaches_student_and_logvar_not_teacher():
