@@ -14,11 +14,5 @@ NFE=${2:-28}; CFG=${3:-3.5}
 shift $(( $# < 3 ? $# : 3 ))
 MODEL_NAME="${MODEL_NAME:-Freepik/flux.1-lite-8B}"; RESOLUTION="${RESOLUTION:-512}"
 OUTPUT_DIR="${OUTPUT_DIR:-$OUTPUT_PATH/GenEval_RESOLUTION${RESOLUTION}_NFE${NFE}_cfg${CFG}/images}"
-PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}"
-NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-NPROC="${NPROC_PER_NODE:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 1)}"
-echo "[geneval] teacher $MODEL_NAME, NFE $NFE, guidance $CFG, ${RESOLUTION}px, $NPROC process(es) -> $OUTPUT_DIR" >&2
-cd "$ROOT"
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" test_flux8b.py \
-  --pretrained_model_name_or_path "$MODEL_NAME" --max_sequence_length 256 --seed 42 --resolution "$RESOLUTION" \
-  --num_inference_steps "$NFE" --guidance_scale "$CFG" --output_dir "$OUTPUT_DIR" "$@"
+source "$ROOT/script/_geneval_launch.sh"
+geneval_launch "teacher $MODEL_NAME" test_flux8b.py "$NFE" "$CFG" "$OUTPUT_DIR" "$@"
