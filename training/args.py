@@ -115,6 +115,10 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 16 (VAE /8, then 2x2 latent packing)")
     if args.checkpointing_steps < 1 or args.max_train_steps < 1:
         raise ValueError("--checkpointing_steps and --max_train_steps must be >= 1")
+    for name in ("checkpoints_total_limit", "exports_total_limit"):
+        limit = getattr(args, name, None)
+        if limit is not None and limit < 1:
+            raise ValueError(f"--{name} {limit} must be >= 1; omit it to keep every one")
     if not 0.0 <= args.max_bad_sample_fraction <= 1.0:
         raise ValueError("--max_bad_sample_fraction must be in [0, 1]")
     if args.rescaled_checkpoint_path is not None and not os.path.exists(args.rescaled_checkpoint_path):
