@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Shared launcher for the training scripts: single-node defaults, GPU count from the machine,
 # DeepSpeed on GPUs, plain accelerate (gloo) on CPU. Usage: _launch.sh ENTRY.py [flags...]
+# ENTRY is a file of the repo root. The working directory is left alone, so relative paths in the
+# flags (--output_dir, --rescaled_checkpoint_path, --data_dir, ...) mean what they mean in the caller's shell.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}"
@@ -18,6 +20,5 @@ NNODES="${WORLD_SIZE:-1}"; NODE_RANK="${RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"
 unset WORLD_SIZE RANK LOCAL_RANK
 echo "[launch] $ENTRY on $NNODES node(s) x $NPROC process(es) (GPUs seen: $NGPU), master $MASTER_ADDR:$MASTER_PORT" >&2
-cd "$ROOT"
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$ENTRY" "$@"
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$ROOT/$ENTRY" "$@"

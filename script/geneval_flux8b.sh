@@ -10,9 +10,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTPUT_PATH=${1:?OUTPUT_PATH (1st argument) is required}
-NFE=${2:-28}; CFG=${3:-3.5}
-shift $(( $# < 3 ? $# : 3 ))
+source "$ROOT/script/_geneval_launch.sh"
+geneval_positionals 1 28 3.5 "$@"
+shift "$POSITIONALS"
 MODEL_NAME="${MODEL_NAME:-Freepik/flux.1-lite-8B}"; RESOLUTION="${RESOLUTION:-512}"
 OUTPUT_DIR="${OUTPUT_DIR:-$OUTPUT_PATH/GenEval_RESOLUTION${RESOLUTION}_NFE${NFE}_cfg${CFG}/images}"
-source "$ROOT/script/_geneval_launch.sh"
 geneval_launch "teacher $MODEL_NAME" test_flux8b.py "$NFE" "$CFG" "$OUTPUT_DIR" "$@"

@@ -18,5 +18,6 @@ OUT="${OUT:-$DEFAULT_OUT}"
 CORES="$(nproc 2>/dev/null || echo 1)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES < 4 ? CORES : 4 ))}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-cd "$ROOT"
+# No cd (relative OUT and flags stay relative to the caller's directory): the repo goes on PYTHONPATH.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" -m evaluation.shapes.benchmark --output_dir "$OUT" "$@"
