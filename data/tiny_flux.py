@@ -723,4 +723,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.cli import run_cli
+
+    sys.exit(run_cli(main))  # bad input: one line, status 2

@@ -58,11 +58,21 @@ def _as_bool(value: Any, lineno: int) -> bool:
 def load_results(results_jsonl: Union[str, Path]) -> list[dict[str, Any]]:
     """Read a results jsonl (blank lines ignored); each row needs ``tag`` and ``correct``."""
     rows = []
+    if not Path(results_jsonl).is_file():
+        raise FileNotFoundError(f"results file not found: {results_jsonl} (GenEval's evaluate_images.py or "
+                                "python -m evaluation.shapes.scorer writes it)")
     with open(results_jsonl, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{results_jsonl}:{lineno}: not valid JSON ({exc.msg}); is it a results jsonl "
+                                 "(one JSON object per image)?") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{results_jsonl}:{lineno}: expected a JSON object per line, got "
+                                 f"{type(row).__name__}")
             for key in ("tag", "correct"):
                 if key not in row:
                     raise ValueError(f"{results_jsonl}:{lineno}: result row has no {key!r}")
@@ -140,6 +150,8 @@ def summarize(
     if metadata is not None and not isinstance(metadata, list):
         from evaluation.geneval_layout import read_metadata
 
+        if not Path(metadata).is_file():
+            raise FileNotFoundError(f"--metadata file not found: {metadata} (e.g. evaluation/evaluation_metadata.jsonl)")
         metadata = read_metadata(metadata)
     summary = summarize_rows(load_results(results_jsonl), metadata)
     if metadata is not None and summary["missing_prompts"]:
@@ -207,8 +219,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--json", dest="json_out", default=None, help="also write the summary as JSON to this path")
     args = parser.parse_args(argv)
-    report_summary(args.results, args.metadata, args.json_out)
-    return 0
+    from training.cli import run_cli
+
+    return run_cli(lambda: report_summary(args.results, args.metadata, args.json_out))
 
 
 def report_summary(results, metadata=None, json_out=None) -> dict:

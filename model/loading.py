@@ -52,6 +52,17 @@ def _split_auxiliary(state: dict) -> tuple[dict, dict]:
     return main, aux
 
 
+def _not_a_model_folder(path: Path) -> str:
+    """Why ``path`` (a folder) is not a model, naming the file to use for a training-state folder."""
+    step = path.name.rpartition("-")[2]
+    if (path / "run_config.json").is_file() and path.name.startswith("checkpoint-") and step.isdigit():
+        export = path.parent.parent / "ckpts" / f"transformer_{step}.pt"
+        return (f"{path} is a full training state (for --resume_from_checkpoint), not a model export: "
+                f"use {export}{'' if export.is_file() else ' (written by the same run; not found here)'}")
+    return (f"{path} is a folder but not a diffusers transformer folder "
+            "(expected config.json and diffusion_pytorch_model*.safetensors)")
+
+
 def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     """Read a transformer checkpoint in any supported format (see module doc)."""
     path = Path(path)
@@ -62,8 +73,7 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
         files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
         if not (folder / "config.json").exists() or not files:
-            raise CheckpointError(f"{path} is a folder but not a diffusers transformer folder "
-                                  "(expected config.json and diffusion_pytorch_model*.safetensors)")
+            raise CheckpointError(_not_a_model_folder(path))
         state = {}
         for f in files:
             state.update(load_file(f))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -78,6 +79,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                      help=f"GenEval metadata jsonl (one prompt spec per line). Default: {DEFAULT_METADATA.relative_to(REPO_ROOT)}.")
     src.add_argument("--prompts", default=None, metavar="FILE", help="Ad-hoc prompts, one per non-empty line.")
     src.add_argument("--prompt", action="append", default=None, metavar="TEXT", help="An ad-hoc prompt (repeatable).")
+    o.add_argument("--allow_empty_prompt", action="store_true",
+                   help="Accept empty prompts (unconditional samples); without it an empty prompt is an error.")
     o.add_argument("--n_samples", type=int, default=4, help="Images per prompt.")
     o.add_argument("--batch_size", type=int, default=4,
                    help="Images per pipeline call; best a multiple or divisor of --n_samples.")
@@ -98,6 +101,7 @@ def parse_args(method: str, argv: list[str] | None = None) -> argparse.Namespace
         (args.n_samples >= 1 and args.batch_size >= 1, "--n_samples and --batch_size must be >= 1"),
         (args.max_prompts is None or args.max_prompts >= 1, "--max_prompts must be >= 1"),
         (args.timestep_scale is None or args.timestep_scale > 0, "--timestep_scale must be > 0"),
+        (math.isfinite(args.guidance_scale), f"--guidance_scale must be a finite number, got {args.guidance_scale}"),
     ]
     if method == "scm":
         checks.append((args.sigma_data > 0, "--sigma_data must be > 0"))
@@ -127,7 +131,70 @@ def load_rows(args: argparse.Namespace) -> list[dict]:
         rows = read_metadata(path)
     if not rows:
         raise ValueError("no prompts to sample (empty prompt file?)")
-    return rows[:args.max_prompts] if args.max_prompts else rows
+    rows = rows[:args.max_prompts] if args.max_prompts else rows
+    empty = [i for i, row in enumerate(rows) if not str(row.get("prompt", "")).strip()]
+    if empty and not args.allow_empty_prompt:
+        raise ValueError(f"prompt {empty[0]} is empty ({len(empty)} empty of {len(rows)}); pass --allow_empty_prompt "
+                         "for unconditional samples, or give the text")
+    return rows
+
+
+def _training_run_config(resume_path: str | None) -> tuple[dict, Path] | None:
+    """The run config of the training run that wrote ``OUT/ckpts/transformer_<step>.pt`` (None if not found).
+
+    Prefers ``OUT/checkpoints/checkpoint-<step>/run_config.json``, else the newest checkpoint of that run
+    (the guidance flags cannot change on resume).
+    """
+    if resume_path is None or not Path(resume_path).is_file() or Path(resume_path).parent.name != "ckpts":
+        return None
+    checkpoints = Path(resume_path).parent.parent / "checkpoints"
+    step = Path(resume_path).stem.rpartition("_")[2]
+    candidates = [checkpoints / f"checkpoint-{step}"] + sorted(
+        checkpoints.glob("checkpoint-*"), key=lambda d: int(d.name.rpartition("-")[2]) if
+        d.name.rpartition("-")[2].isdigit() else -1, reverse=True)
+    for folder in candidates:
+        config_file = folder / "run_config.json"
+        try:
+            return json.loads(config_file.read_text()), config_file
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _flat_numbers(value) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [x for item in value for x in _flat_numbers(item)]
+    return [float(value)]
+
+
+def trained_guidance_range(run_config: dict) -> tuple[float, float] | None:
+    """[min, max] of the guidance-embedding scales a training run drew (sCM, MeanFlow, rescale)."""
+    method = run_config.get("method")
+    if method == "sCM":
+        scales = _flat_numbers(run_config.get("scm_cfg_scale") or [4.0, 4.5, 5.0])
+    elif method == "MeanFlow":
+        scales = _flat_numbers(run_config.get("cfg_scale") or [4.0, 4.5, 5.0])  # None = the trainer's default
+    elif method == "rescale" and "guidance_min" in run_config:
+        scales = [float(run_config["guidance_min"]), float(run_config["guidance_max"])]
+    else:
+        return None
+    return min(scales), max(scales)
+
+
+def warn_guidance_range(args: argparse.Namespace) -> str | None:
+    """One warning when --guidance_scale lies outside what the checkpoint was trained on; returns it."""
+    found = _training_run_config(args.resume_path)
+    trained = trained_guidance_range(found[0]) if found else None
+    g = args.guidance_scale
+    if trained is not None and not trained[0] <= g <= trained[1]:
+        message = (f"warning: --guidance_scale {g:g} is outside the guidance range this checkpoint was trained on "
+                   f"[{trained[0]:g}, {trained[1]:g}] ({found[1]}); the images are an extrapolation")
+    elif trained is None and g < 0:
+        message = f"warning: --guidance_scale {g:g} is negative; FLUX's guidance embedding is trained on positive scales"
+    else:
+        return None
+    print(message, file=sys.stderr, flush=True)
+    return message
 
 
 def _is_pipeline_folder(path: str | None) -> bool:
@@ -236,6 +303,11 @@ def main(method: str, argv: list[str] | None = None):
     rows = load_rows(args)
     if args.resume_path is not None and not Path(args.resume_path).exists():
         raise FileNotFoundError(f"--resume_path not found: {args.resume_path}")
+    if rank == 0:
+        warn_guidance_range(args)
+    from training.core import check_output_dir_writable
+
+    check_output_dir_writable(args.output_dir)  # a read-only disk fails here, before minutes of loading
     components = args.resume_path if _is_pipeline_folder(args.resume_path) else args.pretrained_model_name_or_path
     from model.flux_io import check_resolution
 

@@ -337,6 +337,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--position_threshold", type=float, default=POSITION_THRESHOLD,
                         help="GenEval's position_threshold (default 0.1)")
     args = parser.parse_args(argv)
+    if not Path(args.image_dir).is_dir():
+        raise FileNotFoundError(f"image_dir {args.image_dir} is not a folder: pass the GenEval-layout folder a "
+                                "sampler wrote (the --output_dir of test_sCM.py / test_meanflow.py / test_flux8b.py)")
     if args.metadata:
         from evaluation.geneval_layout import check_folder, read_metadata
 
@@ -354,4 +357,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.cli import run_cli
+
+    sys.exit(run_cli(main))  # bad input: one line, status 2
