@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel
+# ModelMixin is imported for diffusers' pipeline loader, not used here: a saved pipeline's model_index.json
+# names this module as the transformer's library, and the loader looks up the loadable base classes
+# (ModelMixin → from_pretrained) as attributes of that module.
+from diffusers import FluxTransformer2DModel, ModelMixin  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
@@ -181,15 +185,35 @@ class DistillFluxTransformer2DModel(FluxTransformer2DModel):
             embed.interval_embedder = new
         self.register_to_config(interval_embedding=True)
 
-    def forward(self, hidden_states: torch.Tensor, *args, timestep: torch.Tensor = None,
-                guidance: torch.Tensor | None = None, interval: torch.Tensor | None = None, **kwargs):
-        """Stock FLUX forward; ``timestep``/``guidance``/``interval`` are embedded exactly (see module doc)."""
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                pooled_projections: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
+                img_ids: torch.Tensor | None = None, txt_ids: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None, joint_attention_kwargs: dict[str, Any] | None = None,
+                controlnet_block_samples=None, controlnet_single_block_samples=None, return_dict: bool = True,
+                controlnet_blocks_repeat: bool = False, interval: torch.Tensor | None = None):
+        """Stock FLUX forward (same positional order and options); ``timestep``/``guidance``/``interval``
+        are embedded exactly in float32 at ``config.timestep_scale`` (see module doc).
+
+        ``interval`` (h = t − r, MeanFlow students only) comes last so that every stock call works unchanged.
+        """
         if timestep is None:
-            raise ValueError("`timestep` is required")
+            raise ValueError("`timestep` is required (the flow time in [0, 1], one per sample or one for the batch)")
         batch = hidden_states.shape[0]
-        as_batch = lambda v: None if v is None else v.reshape(-1).expand(batch) if v.numel() == 1 else v.reshape(batch)
-        self.time_text_embed.exact_inputs = TimeInputs(as_batch(timestep), as_batch(guidance), as_batch(interval))
+        self.time_text_embed.exact_inputs = TimeInputs(_per_sample(timestep, batch), _per_sample(guidance, batch),
+                                                       _per_sample(interval, batch))
         try:
-            return super().forward(hidden_states, *args, timestep=timestep, guidance=guidance, **kwargs)
+            return super().forward(
+                hidden_states, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
+                joint_attention_kwargs=joint_attention_kwargs, controlnet_block_samples=controlnet_block_samples,
+                controlnet_single_block_samples=controlnet_single_block_samples, return_dict=return_dict,
+                controlnet_blocks_repeat=controlnet_blocks_repeat)
         finally:
             self.time_text_embed.exact_inputs = None
+
+
+def _per_sample(value: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A time input as shape [batch]: one value broadcast to the batch, or one per sample."""
+    if value is None:
+        return None
+    return value.reshape(-1).expand(batch) if value.numel() == 1 else value.reshape(batch)
