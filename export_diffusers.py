@@ -87,7 +87,7 @@ def export(args: argparse.Namespace) -> Path:
     from diffusers import __version__ as diffusers_version
 
     from model.loading import read_checkpoint
-    from model.pipeline import PIPELINES, TRANSFORMER_LIBRARY, checkpoint_step, load_student_transformer
+    from model.pipeline import PIPELINES, checkpoint_step, load_student_transformer
 
     out = Path(args.output_dir)
     if out.exists() and not args.overwrite:
@@ -128,8 +128,7 @@ def export(args: argparse.Namespace) -> Path:
         model_index.update({
             "_class_name": pipeline_cls.__name__,
             "_diffusers_version": diffusers_version,
-            # Our transformer lives in this repository; see model.pipeline.TRANSFORMER_LIBRARY.
-            "transformer": list(TRANSFORMER_LIBRARY),
+            "transformer": [type(transformer).__module__, type(transformer).__name__],
             "scheduler": ["diffusers", type(scheduler).__name__],
         })
         (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")

@@ -52,7 +52,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, ModelMixin, SCMScheduler  # noqa: F401 (ModelMixin)
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, SCMScheduler
+# Folders saved before the transformer's own module exposed ModelMixin name this module as the transformer's
+# library in model_index.json; diffusers' loader finds the class and its loader base class here.
+from diffusers import ModelMixin  # noqa: F401
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -61,7 +64,7 @@ from model.flux_io import check_resolution
 from model.loading import (CheckpointError, LoadedCheckpoint, check_timestep_scale, load_flux_transformer,
                            load_state_dict_strict, read_checkpoint)
 from model.transformer import STOCK_TIMESTEP_SCALE, DistillFluxTransformer2DModel
-from model.trigflow import FluxInputs, TrigFlowFlux, flow_velocity
+from model.trigflow import FluxInputs, TrigFlowFlux, flow_velocity, trig_to_flow_time
 
 SCM_SIGMA_DATA = 0.5
 #: The original's start time (diffusers' SCMScheduler default): π/2 rounded up, flow time s ≈ 1 + 4e-6.
@@ -74,10 +77,6 @@ MEANFLOW_SCHEDULES = ("flux", "uniform")
 METHODS = ("scm", "meanflow", "teacher")
 
 INTERVAL_PREFIX = "time_text_embed.interval_embedder."
-#: model_index.json entry of our transformer.  diffusers loads a non-diffusers component by importing
-#: the module named there and looking both for the class and for its loader base class (ModelMixin)
-#: in that module; model/transformer.py does not expose ModelMixin, this module does.
-TRANSFORMER_LIBRARY = (__name__, DistillFluxTransformer2DModel.__name__)
 LOGVAR_PREFIX = "logvar_linear."
 _STEP_FROM_NAME = re.compile(r"(\d+)\.(?:pt|pth|bin|safetensors)$")
 
@@ -243,20 +242,6 @@ class _FewStepFluxPipeline(FluxPipeline):
 
     # -- construction --------------------------------------------------------------------------------
 
-    def _record_transformer_library(self, transformer: Any) -> None:
-        if type(transformer) is DistillFluxTransformer2DModel:
-            self.register_to_config(transformer=TRANSFORMER_LIBRARY)
-
-    def register_modules(self, **kwargs):
-        super().register_modules(**kwargs)
-        # So that save_pretrained writes a model_index.json that from_pretrained can load (see TRANSFORMER_LIBRARY).
-        self._record_transformer_library(kwargs.get("transformer"))
-
-    def __setattr__(self, name: str, value: Any):
-        super().__setattr__(name, value)
-        if name == "transformer":
-            self._record_transformer_library(value)
-
     @classmethod
     def default_scheduler(cls, base_config: dict | None):
         """The scheduler this pipeline samples with, given the source pipeline's scheduler config."""
@@ -304,9 +289,13 @@ class _FewStepFluxPipeline(FluxPipeline):
     # -- shared pieces of __call__ ---------------------------------------------------------------------
 
     def _prepare(self, prompt, prompt_2, height, width, num_inference_steps, num_images_per_prompt, generator,
-                 latents, prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length
-                 ) -> tuple[torch.Tensor, FluxInputs, int, int]:
-        """Checks, text encoding, unit-variance packed noise [B, N, 4C] (float32) and the FLUX inputs."""
+                 latents, prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length,
+                 joint_attention_kwargs=None) -> tuple[torch.Tensor, FluxInputs, int, int]:
+        """Checks, text encoding, unit-variance packed noise [B, N, 4C] (float32) and the FLUX inputs.
+
+        ``joint_attention_kwargs`` go to every transformer call; its ``"scale"`` is also the text encoders'
+        LoRA scale, as in FluxPipeline.
+        """
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         for side in (height, width):
@@ -321,9 +310,14 @@ class _FewStepFluxPipeline(FluxPipeline):
         else:
             batch_size = prompt_embeds.shape[0]
         device = self._execution_device
+        self._joint_attention_kwargs = joint_attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        lora_scale = (joint_attention_kwargs or {}).get("scale")
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
+            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale)
         num_channels_latents = self.transformer.config.in_channels // 4
         # The sampling state is kept in float32 (the transformer call casts to the model dtype).
         noise, image_ids = self.prepare_latents(batch_size * num_images_per_prompt, num_channels_latents, height, width,
@@ -331,8 +325,18 @@ class _FewStepFluxPipeline(FluxPipeline):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((noise.shape[0],), float(guidance_scale), device=device, dtype=torch.float32)
-        inputs = FluxInputs(prompt_embeds, pooled_prompt_embeds, text_ids, image_ids, guidance)
+        inputs = FluxInputs(prompt_embeds, pooled_prompt_embeds, text_ids, image_ids, guidance, joint_attention_kwargs)
         return noise.float(), inputs, int(height), int(width)
+
+    def _transformer_step(self, step_index: int, flow_time: torch.Tensor):
+        """Context of one transformer call for diffusers' cache hooks (FirstBlockCache, TaylorSeer, FasterCache,
+        PAB, MagCache, SeaCache, ...): they key their state on the transformer's cache context and read
+        ``pipe.current_timestep``, which FluxPipeline sets to the scheduler timestep 1000·σ; ours is
+        1000·(flow time σ) likewise (for sCM σ = sin t/(sin t + cos t))."""
+        sigma = float(flow_time)
+        self._current_timestep = flow_time * 1000
+        return self.transformer.cache_context("cond", step_index=step_index, num_inference_steps=self._num_timesteps,
+                                              timestep=self._current_timestep, sigma=sigma)
 
     def _finish(self, latents: torch.Tensor, height: int, width: int, output_type: str, return_dict: bool):
         """Normalised packed latents → images, exactly as FluxPipeline decodes."""
@@ -343,6 +347,7 @@ class _FewStepFluxPipeline(FluxPipeline):
             unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
             image = self.vae.decode(unpacked.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type=output_type)
+        self._current_timestep = None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
@@ -381,7 +386,7 @@ class SCMFluxPipeline(_FewStepFluxPipeline):
                  num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
-                 max_sequence_length: int = 256):
+                 joint_attention_kwargs: dict[str, Any] | None = None, max_sequence_length: int = 256):
         """Sample with the sCM update (module doc).
 
         Args:
@@ -395,13 +400,15 @@ class SCMFluxPipeline(_FewStepFluxPipeline):
                 noise depend only on its own generator).
             latents: optional packed unit-variance initial noise [B, N, 4C] (multiplied by σ_d here).
             output_type: "pil", "np", "pt" or "latent" (packed FLUX-normalised latents x̂₀/σ_d).
+            joint_attention_kwargs: passed to the attention processors of every call; ``{"scale": s}`` sets the
+                LoRA scale of a LoRA student (and of text-encoder LoRAs) for this call.
         """
         if not isinstance(self.scheduler, SCMScheduler):
             raise TypeError(f"SCMFluxPipeline needs an SCMScheduler, found {type(self.scheduler).__name__}; "
                             "build it with SCMFluxPipeline.from_checkpoint or pass scheduler=SCMScheduler(...)")
         noise, inputs, height, width = self._prepare(
             prompt, prompt_2, height, width, num_inference_steps, num_images_per_prompt, generator, latents,
-            prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length)
+            prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length, joint_attention_kwargs)
         device = noise.device
         scheduler = self.scheduler
         if timesteps is not None:
@@ -423,8 +430,9 @@ class SCMFluxPipeline(_FewStepFluxPipeline):
         x = noise * sigma_d
         self._num_timesteps = num_inference_steps
         with self.progress_bar(total=num_inference_steps) as progress:
-            for t in scheduler.timesteps[:-1]:
-                F = self.trigflow_output(x / sigma_d, t.expand(batch), inputs)
+            for i, t in enumerate(scheduler.timesteps[:-1]):
+                with self._transformer_step(i, trig_to_flow_time(t)):
+                    F = self.trigflow_output(x / sigma_d, t.expand(batch), inputs)
                 # SCMScheduler: x̂₀ = cos t·x − sin t·(σ_d F); x ← cos t'·x̂₀ + sin t'·σ_d·ε (ε from `generator`).
                 x = scheduler.step(sigma_d * F, t, x, generator=generator, return_dict=False)[0]
                 progress.update()
@@ -461,7 +469,7 @@ class MeanFlowFluxPipeline(_FewStepFluxPipeline):
                  num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
-                 max_sequence_length: int = 256):
+                 joint_attention_kwargs: dict[str, Any] | None = None, max_sequence_length: int = 256):
         """Sample with z_r = z_t − (t − r)·u(z_t, r, t) on the time grid (module doc).
 
         Args:
@@ -472,12 +480,13 @@ class MeanFlowFluxPipeline(_FewStepFluxPipeline):
             generator: one generator, or one per image.
             latents: optional packed N(0, I) initial noise [B, N, 4C] (= z at t₀).
             output_type: "pil", "np", "pt" or "latent" (packed FLUX-normalised latents).
+            joint_attention_kwargs: as for :class:`SCMFluxPipeline`.
         """
         if not getattr(self.transformer.config, "interval_embedding", False):
             raise CheckpointError("MeanFlowFluxPipeline needs a dual-timestep student (interval_embedding=True)")
         noise, inputs, height, width = self._prepare(
             prompt, prompt_2, height, width, num_inference_steps, num_images_per_prompt, generator, latents,
-            prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length)
+            prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length, joint_attention_kwargs)
         if timesteps is not None:
             grid = torch.tensor(_as_time_list(timesteps), dtype=torch.float32)
             if len(grid) != num_inference_steps + 1 or grid[0] > 1:
@@ -489,8 +498,9 @@ class MeanFlowFluxPipeline(_FewStepFluxPipeline):
         z = noise
         self._num_timesteps = num_inference_steps
         with self.progress_bar(total=num_inference_steps) as progress:
-            for t, r in zip(grid[:-1], grid[1:]):
-                u = flow_velocity(self.transformer, z, t.expand(batch), inputs, interval=(t - r).expand(batch))
+            for i, (t, r) in enumerate(zip(grid[:-1], grid[1:])):
+                with self._transformer_step(i, t):
+                    u = flow_velocity(self.transformer, z, t.expand(batch), inputs, interval=(t - r).expand(batch))
                 z = z - (t - r) * u
                 progress.update()
         return self._finish(z, height, width, output_type, return_dict)

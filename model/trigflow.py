@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 
 
@@ -26,15 +27,18 @@ class FluxInputs:
     txt_ids: torch.Tensor  # [L, 3]
     img_ids: torch.Tensor  # [N, 3]
     guidance: torch.Tensor | None = None  # [B] guidance-embedding scale (guidance-distilled FLUX)
+    joint_attention_kwargs: dict | None = None  # passed to the attention processors, e.g. {"scale": LoRA scale}
 
     def kwargs(self, dtype: torch.dtype) -> dict:
         return dict(encoder_hidden_states=self.encoder_hidden_states.to(dtype),
                     pooled_projections=self.pooled_projections.to(dtype),
-                    txt_ids=self.txt_ids, img_ids=self.img_ids, guidance=self.guidance, return_dict=False)
+                    txt_ids=self.txt_ids, img_ids=self.img_ids, guidance=self.guidance, return_dict=False,
+                    joint_attention_kwargs=self.joint_attention_kwargs)
 
     def select(self, index: torch.Tensor) -> "FluxInputs":
         return FluxInputs(self.encoder_hidden_states[index], self.pooled_projections[index], self.txt_ids,
-                          self.img_ids, None if self.guidance is None else self.guidance[index])
+                          self.img_ids, None if self.guidance is None else self.guidance[index],
+                          self.joint_attention_kwargs)
 
 
 def trig_to_flow_time(t: torch.Tensor) -> torch.Tensor:
@@ -45,10 +49,18 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def compute_dtype(transformer: nn.Module) -> torch.dtype:
+    """The dtype the transformer computes in: its parameters' dtype, or — under diffusers' layerwise
+    casting (e.g. float8 storage, bf16 compute) — the compute dtype, which ``ModelMixin.dtype`` reports."""
+    if isinstance(transformer, ModelMixin):
+        return transformer.dtype
+    return next(transformer.parameters()).dtype
+
+
 def flow_velocity(transformer: nn.Module, z: torch.Tensor, s: torch.Tensor, inputs: FluxInputs,
                   interval: torch.Tensor | None = None) -> torch.Tensor:
-    """v(z, s) of a FLUX flow model, computed in the model's dtype and returned as float32."""
-    dtype = next(transformer.parameters()).dtype
+    """v(z, s) of a FLUX flow model, computed in the model's compute dtype and returned as float32."""
+    dtype = compute_dtype(transformer)
     extra = {} if interval is None else {"interval": interval}
     out = transformer(z.to(dtype), timestep=s, **inputs.kwargs(dtype), **extra)[0]
     return out.float()

@@ -1,0 +1,118 @@
+"""Our pipelines under the features diffusers offers on FluxPipeline (issue #22).
+
+References: the same pipeline without the feature (bf16 vs fp8 storage, cached vs uncached), diffusers'
+own ``set_adapters`` for the LoRA scale, and the images of the pipeline before save_pretrained.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                             TaylorSeerCacheConfig)
+
+from model.loading import load_flux_transformer
+from model.pipeline import MeanFlowFluxPipeline, SCMFluxPipeline, load_teacher_pipeline
+from training.checkpointing import export_transformer
+
+KW = dict(height=64, width=64, output_type="np", max_sequence_length=32)
+STEPS = {"scm": 2, "meanflow": 4}
+CLASSES = {"scm": SCMFluxPipeline, "meanflow": MeanFlowFluxPipeline}
+
+
+def _gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def students(tiny_assets, tmp_path_factory):
+    pipe_dir, _ = tiny_assets
+    root = tmp_path_factory.mktemp("compat_ckpts")
+    tf = load_flux_transformer(str(pipe_dir), 1.0)
+    export_transformer(root / "scm.pt", tf.state_dict(), dict(tf.config), 5)
+    tf.enable_interval_embedding("copy")
+    export_transformer(root / "mf.pt", tf.state_dict(), dict(tf.config), 7)
+    return {"pipe": str(pipe_dir), "scm": root / "scm.pt", "meanflow": root / "mf.pt"}
+
+
+def _sample(pipe, method, **kw):
+    return pipe("a photo of a cat", generator=_gen(), num_inference_steps=STEPS[method], **KW, **kw).images
+
+
+def test_saved_teacher_pipeline_loads_back_with_identical_images(students, tmp_path):
+    teacher = load_teacher_pipeline(students["pipe"])
+    teacher.save_pretrained(tmp_path / "teacher")
+    index = json.loads((tmp_path / "teacher" / "model_index.json").read_text())
+    assert index["transformer"] == ["model.transformer", "DistillFluxTransformer2DModel"]
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    assert type(reloaded.transformer) is type(teacher.transformer)
+    kw = dict(KW, num_inference_steps=2)
+    np.testing.assert_array_equal(reloaded("a cat", generator=_gen(), **kw).images,
+                                  teacher("a cat", generator=_gen(), **kw).images)
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_fp8_layerwise_casting_with_bf16_compute(students, method):
+    pipe = CLASSES[method].from_checkpoint(students["pipe"], students[method], dtype=torch.bfloat16)
+    bf16 = _sample(pipe, method)
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert torch.float8_e4m3fn in {p.dtype for p in pipe.transformer.parameters()}
+    fp8 = _sample(pipe, method)
+    assert np.isfinite(fp8).all()
+    assert not np.array_equal(fp8, bf16)  # the weights really were stored in fp8
+    assert np.abs(fp8 - bf16).mean() < 0.02 and np.abs(fp8 - bf16).max() < 0.15
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_lora_scale_per_call_equals_set_adapters(students, method):
+    from peft import LoraConfig
+
+    pipe = CLASSES[method].from_checkpoint(students["pipe"], students[method])
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                            init_lora_weights=False))
+    full = _sample(pipe, method)
+    half = _sample(pipe, method, joint_attention_kwargs={"scale": 0.5})
+    pipe.transformer.set_adapters(["default"], weights=[0.5])
+    assert not np.allclose(full, half, atol=1e-3)
+    np.testing.assert_allclose(half, _sample(pipe, method), atol=1e-6)
+
+
+def _cache_configs(pipe, steps):
+    current = lambda: pipe.current_timestep  # noqa: E731
+    return {
+        "first_block": FirstBlockCacheConfig(threshold=0.05),
+        "taylorseer": TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
+        "faster": FasterCacheConfig(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
+                                    attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True,
+                                    current_timestep_callback=current),
+        "pab": PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=current,
+                                               spatial_attention_timestep_skip_range=(100, 800)),
+        "mag": MagCacheConfig(num_inference_steps=steps, mag_ratios=[1.0] * steps),
+    }
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_diffusers_cache_hooks_run_and_stay_close(students, method):
+    pipe = CLASSES[method].from_checkpoint(students["pipe"], students[method])
+    plain = _sample(pipe, method)
+    for name, config in _cache_configs(pipe, STEPS[method]).items():
+        pipe.transformer.enable_cache(config)
+        try:
+            cached = _sample(pipe, method)
+            again = _sample(pipe, method)  # the hooks' state is reset between calls
+        finally:
+            pipe.transformer.disable_cache()
+        assert np.isfinite(cached).all(), name
+        np.testing.assert_array_equal(cached, again, err_msg=name)
+        assert np.abs(cached - plain).max() < 0.25, name
+    # A first-block cache that always reuses (huge threshold) changes the later steps: the hook is active.
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+    try:
+        assert not np.array_equal(_sample(pipe, method), plain)
+    finally:
+        pipe.transformer.disable_cache()
+    np.testing.assert_array_equal(_sample(pipe, method), plain)
