@@ -47,9 +47,10 @@ _EXT_TO_BUILDER = {
     ".json": "json",
     ".csv": "csv",
     ".arrow": "arrow",
+    ".tar": "webdataset",
 }
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-_PACKAGED_BUILDERS = {"parquet", "json", "csv", "arrow", "imagefolder", "text"}
+_PACKAGED_BUILDERS = {"parquet", "json", "csv", "arrow", "imagefolder", "text", "webdataset"}
 _GLOB_CHARS = set("*?[")
 
 
@@ -423,6 +424,7 @@ class Text2ImageTransform:
         self.resolution = resolution
         self.image_column = image_column
         self.caption_column = caption_column
+        self.caption_columns = caption_columns(caption_column)
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.data_dir = data_dir
@@ -432,9 +434,19 @@ class Text2ImageTransform:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _caption(self, row: dict, index: int):
+        """The caption column's value; with several columns, a random usable one, seeded by (seed, epoch, index)."""
+        if len(self.caption_columns) == 1:
+            return row.get(self.caption_column)
+        usable = [c for c in self.caption_columns if isinstance(row.get(c), str) and row[c].strip()]
+        if not usable:
+            return row.get(self.caption_columns[0])  # reported as missing/empty below
+        rng = np.random.default_rng([self.seed, self.epoch, index, 1])  # own stream: crops/flips unchanged
+        return row[usable[int(rng.integers(len(usable)))]]
+
     def __call__(self, row: dict, index: int) -> dict:
         try:
-            caption = row.get(self.caption_column)
+            caption = self._caption(row, index)
             if caption is None:
                 raise BadSampleError("missing caption")
             if not isinstance(caption, str):
@@ -452,6 +464,14 @@ class Text2ImageTransform:
         return {"pixel_values": pixels, "caption": caption, "index": index}
 
 
+def caption_columns(caption_column: str) -> tuple[str, ...]:
+    """``--caption_column`` names one column or several separated by commas (then one is drawn per sample)."""
+    names = tuple(c.strip() for c in str(caption_column).split(",") if c.strip())
+    if not names:
+        raise ValueError(f"--caption_column {caption_column!r} names no column")
+    return names
+
+
 def _missing_column_error(kind: str, column: str, available: Iterable[str]) -> ValueError:
     return ValueError(
         f"{kind} column {column!r} not found in the dataset; available columns: {sorted(available)}. "
@@ -463,18 +483,20 @@ def _prepare_hf(ds, image_column: str, caption_column: str, select: bool = True)
     """Check the columns and switch an ``Image`` column to ``decode=False`` (we decode ourselves)."""
     features = getattr(ds, "features", None)
     columns = getattr(ds, "column_names", None) or (list(features) if features else None)
+    captions = caption_columns(caption_column)
     if columns is not None:
         if image_column not in columns:
             raise _missing_column_error("image", image_column, columns)
-        if caption_column not in columns:
-            raise _missing_column_error("caption", caption_column, columns)
+        for caption in captions:
+            if caption not in columns:
+                raise _missing_column_error("caption", caption, columns)
     if features is not None:
         import datasets
 
         if isinstance(features.get(image_column), datasets.Image) and features[image_column].decode:
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
-        if select and hasattr(ds, "select_columns") and len(columns) > 2:
-            ds = ds.select_columns([image_column, caption_column])
+        if select and hasattr(ds, "select_columns") and len(columns) > 1 + len(captions):
+            ds = ds.select_columns([image_column, *captions])
     return ds
 
 
@@ -522,8 +544,9 @@ class Text2ImageDataset(_TransformedDataset, torch.utils.data.Dataset):
             columns = set().union(*(r.keys() for r in hf_dataset)) if hf_dataset else set()
             if hf_dataset and image_column not in columns:
                 raise _missing_column_error("image", image_column, columns)
-            if hf_dataset and caption_column not in columns:
-                raise _missing_column_error("caption", caption_column, columns)
+            for caption in caption_columns(caption_column) if hf_dataset else ():
+                if caption not in columns:
+                    raise _missing_column_error("caption", caption, columns)
         else:
             hf_dataset = _prepare_hf(hf_dataset, image_column, caption_column)
         if len(hf_dataset) == 0:
@@ -605,7 +628,7 @@ class StreamingText2ImageDataset(_TransformedDataset, torch.utils.data.IterableD
         num_workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
         total = self.world_size * num_workers
         shard = self.rank + self.world_size * worker_id
-        cols = (self.transform.image_column, self.transform.caption_column)
+        cols = (self.transform.image_column, *self.transform.caption_columns)
         for i, row in enumerate(self._rows()):
             if i == 0 and not all(c in row for c in cols):
                 missing = next(c for c in cols if c not in row)

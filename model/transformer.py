@@ -61,6 +61,8 @@ class ExactTimeTextEmbedding(nn.Module):
             self.guidance_embedder = stock.guidance_embedder
         self.text_embedder = stock.text_embedder
         self.interval_embedder = interval_embedder
+        # False while a LoRA student's shared weights compute its teacher (model/lora.py teacher_mode).
+        self.interval_enabled = True
         self.timestep_scale = float(timestep_scale)
         self.exact_inputs: TimeInputs | None = None
 
@@ -86,7 +88,9 @@ class ExactTimeTextEmbedding(nn.Module):
         return emb
 
     def _embed(self, embedder: nn.Module, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return embedder(self.sinusoid(value).to(dtype))
+        # In the embedder's own dtype: a LoRA student trains its interval embedder in float32 beside a bf16 base.
+        own = embedder.linear_1.weight.dtype
+        return embedder(self.sinusoid(value).to(own)).to(dtype)
 
     def forward(self, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         pooled_projection = rest[-1]
@@ -102,7 +106,7 @@ class ExactTimeTextEmbedding(nn.Module):
             if inputs.guidance is None:
                 raise ValueError("this FLUX transformer has a guidance embedding: pass `guidance=`")
             emb = emb + self._embed(self.guidance_embedder, inputs.guidance, dtype)
-        if self.interval_embedder is not None:
+        if self.interval_embedder is not None and self.interval_enabled:
             if inputs.interval is None:
                 raise ValueError("this transformer has an interval (t - r) embedding: pass `interval=`")
             emb = emb + self._embed(self.interval_embedder, inputs.interval, dtype)

@@ -54,7 +54,8 @@ def compute_dtype(transformer: nn.Module) -> torch.dtype:
     casting (e.g. float8 storage, bf16 compute) — the compute dtype, which ``ModelMixin.dtype`` reports."""
     if isinstance(transformer, ModelMixin):
         return transformer.dtype
-    return next(transformer.parameters()).dtype
+    first = next(transformer.parameters(), None)
+    return first.dtype if first is not None else transformer.dtype  # a LoRA TiedTeacher owns no parameters
 
 
 def flow_velocity(transformer: nn.Module, z: torch.Tensor, s: torch.Tensor, inputs: FluxInputs,
