@@ -142,18 +142,51 @@ def load_flux_transformer(pretrained: str, timestep_scale: float, subfolder: str
         pretrained, subfolder=subfolder, revision=revision, timestep_scale=timestep_scale, dtype=dtype)
 
 
-def load_transformer_weights(transformer: DistillFluxTransformer2DModel, path: str, *,
+#: What :func:`load_transformer_weights` may be asked to load: a (rescaled) teacher, or a student of a method.
+CHECKPOINT_KINDS = ("teacher", "scm", "meanflow")
+_TAKES = {"teacher": "--rescaled_checkpoint_path (of train_sCM.py / train_meanflow.py / check_rescale.py), which takes "
+                     "a rescaled teacher such as train_rescale.py's OUT/rescaled.pt",
+          "scm": "this sCM loader", "meanflow": "this MeanFlow loader"}
+
+
+def _kind_error(path: str, expect: str, has_interval: bool, has_logvar: bool) -> str | None:
+    """Why a checkpoint with these parts cannot be loaded as ``expect`` (None when it can).
+
+    Strict in both directions: parts the receiving model would have to drop (an sCM logvar head, a
+    MeanFlow interval embedder) are refused, not silently discarded.
+    """
+    if has_interval and expect != "meanflow":
+        return (f"{path} is a MeanFlow student (it has an interval (t - r) embedder, time_text_embed.interval_embedder.*) "
+                f"and cannot be loaded by {_TAKES[expect]}. Sample it with test_meanflow.py --resume_path, or continue "
+                "its run with train_meanflow.py --resume_from_checkpoint.")
+    if has_logvar and expect != "scm":
+        return (f"{path} is an sCM student export (it has an sCM logvar_linear head) and cannot be loaded by "
+                f"{_TAKES[expect]}. Sample it with test_sCM.py --resume_path, or continue its run with train_sCM.py "
+                "--resume_from_checkpoint.")
+    if expect == "meanflow" and not has_interval:
+        return f"{path} has no interval (t - r) embedder: it is not a MeanFlow student checkpoint."
+    return None
+
+
+def load_transformer_weights(transformer: DistillFluxTransformer2DModel, path: str, *, expect: str = "teacher",
                              require_interval: bool = False) -> LoadedCheckpoint:
     """Load rescaled/exported weights into ``transformer`` strictly (checking ``timestep_scale``).
 
-    A checkpoint without the interval embedder may be loaded into a model without one; MeanFlow
-    callers add it afterwards with ``enable_interval_embedding``.  ``require_interval`` demands it.
+    ``expect`` says what the file must be (:data:`CHECKPOINT_KINDS`): a "teacher" has neither an sCM
+    logvar head nor a MeanFlow interval embedder (MeanFlow callers add the embedder afterwards with
+    ``enable_interval_embedding``); an "scm" export may carry the logvar head (set aside in
+    ``auxiliary``); a "meanflow" student must have the interval embedder (``require_interval`` is the
+    older spelling of ``expect="meanflow"``).
     """
+    expect = "meanflow" if require_interval else expect
+    if expect not in CHECKPOINT_KINDS:
+        raise ValueError(f"expect must be one of {CHECKPOINT_KINDS}, got {expect!r}")
     ckpt = read_checkpoint(path)
     check_timestep_scale(ckpt, transformer.timestep_scale)
     has_interval = any(k.startswith("time_text_embed.interval_embedder.") for k in ckpt.state_dict)
-    if require_interval and not has_interval:
-        raise CheckpointError(f"{path} has no interval (t - r) embedder: it is not a MeanFlow student checkpoint.")
+    problem = _kind_error(str(path), expect, has_interval, bool(ckpt.auxiliary))
+    if problem:
+        raise CheckpointError(problem)
     if has_interval:
         transformer.enable_interval_embedding("zero")  # weights come from the checkpoint
     load_state_dict_strict(transformer, ckpt.state_dict, source=str(path))

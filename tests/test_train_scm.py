@@ -76,7 +76,7 @@ def _check_run(out: Path, pipe: Path, rescaled_path: Path, teacher_before: dict[
 
     # The export loads strictly into a fresh transformer (its logvar head is set aside as auxiliary).
     fresh = load_flux_transformer(str(pipe), 1.0)
-    loaded = load_transformer_weights(fresh, str(export_file))
+    loaded = load_transformer_weights(fresh, str(export_file), expect="scm")
     assert set(loaded.auxiliary) == {k for k in student if k.startswith("logvar_linear.")}
     assert all(torch.equal(fresh.state_dict()[k], v.to(torch.float32)) for k, v in student.items() if k in teacher)
 
