@@ -1,9 +1,23 @@
 """The one training loop shared by every method (sCM, MeanFlow, teacher rescaling).
 
-A method supplies three things (:class:`DistillMethod`): how to wrap the loaded FLUX transformers
-into a trainable student and a frozen teacher, its loss, and what to export.  Everything else lives
-here once: accelerate/DeepSpeed set-up, data, optimisation, exact resume, atomic checkpoints,
-preemption, bad-data and non-finite-step handling, logging.
+The pieces, each small and named:
+  * :class:`DistillMethod` — what a method supplies: wrap the loaded FLUX transformers into a
+    trainable student and a frozen teacher, its loss, and what to export;
+  * ``training/launch.py`` — set-up, checked before anything is written: accelerator, resume point,
+    conditioner (VAE + text encoders), models, optimizer;
+  * ``training/train_data.py`` — :class:`TrainData`, the resumable, rank-sharded data stream;
+  * :class:`Run` — everything a run works with, built once by :func:`train` and passed to every piece;
+  * the step — :func:`_micro_step` (forward/backward of one micro-batch, with all-reduced decisions),
+    :func:`_optimizer_step` (clip, step or skip), :func:`_end_window` (counters, hooks), then
+    :func:`_check_limits` and :func:`save_checkpoint`;
+  * ``training/hooks.py`` — :class:`Hook`: everything else (metrics, progress bar, and any new
+    feature) is a hook with ``on_train_start / on_update / on_save / on_train_end`` and an optional
+    ``state_dict / load_state_dict`` that is checkpointed generically (``hook_states.pt``);
+  * ``training/stop.py`` — :class:`StopRequest`, signals → a clean stop at a step boundary.
+To add a feature: write a :class:`Hook` subclass (in its own module) and append it in
+:func:`build_hooks`; the step itself should not need another branch.  To feed the step other
+conditioning (e.g. precomputed embeddings), replace :attr:`Run.encode`; to read other data, give
+:class:`Run` another object with :class:`TrainData`'s ``batches / substitute / __len__``.
 
 Exact resume.  A resumed run continues the same sequence of updates bit for bit:
   * the data order comes from :class:`ResumableSampler` (a permutation per epoch seeded by ``seed``
@@ -13,7 +27,8 @@ Exact resume.  A resumed run continues the same sequence of updates bit for bit:
     (``random_states_<rank>.pkl``) and restores; the DataLoader has its own generator, so creating an
     iterator never consumes global random numbers;
   * optimizer, LR scheduler (stepped exactly once per applied update, whatever the number of
-    processes) and accelerate's accumulation counter are restored by ``load_state``.
+    processes) and accelerate's accumulation counter are restored by ``load_state``; hook states
+    (``hook_states.pt``) by :func:`_restore`.
 Every decision that changes control flow (skip a step, stop, save) is all-reduced first, so all
 ranks always take the same branch and the train state is identical on every rank (accelerate saves
 custom objects from the main process only).
@@ -34,34 +49,32 @@ Robustness (see ``training/checkpointing.py`` for the on-disk side):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shutil
-import signal
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
-from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
-from data.dataset import Text2ImageDataset, load_hf_dataset
-from model.flux_io import FluxConditioner, check_resolution, load_flux_components
-from model.loading import load_flux_transformer, load_transformer_weights
 from model.trigflow import FluxInputs
 from training import checkpointing as ckpt
 from training.common import LossOutput, TrainingError
+from training.hooks import Hook, MetricsLogger, ProgressBar, RunLog, Update
+from training.launch import (build_accelerator, build_conditioner, build_models, build_optimizer,
+                             check_output_dir_writable, resume_point, run_config)
+from training.stop import StopRequest
+from training.train_data import ResumableSampler, TrainData, load_train_dataset
+
+__all__ = ["DistillMethod", "Run", "TrainState", "ResumableSampler", "train", "save_checkpoint", "build_hooks"]
 
 logger = logging.getLogger("t2i_distill")
+HOOK_STATES = "hook_states.pt"
 
 
 class DistillMethod(Protocol):
@@ -84,7 +97,7 @@ class DistillMethod(Protocol):
 
 @dataclass
 class TrainState:
-    """Everything besides model/optimizer/scheduler/RNG that a resumed run needs.
+    """Everything besides model/optimizer/scheduler/RNG/hooks that a resumed run needs.
 
     Identical on every rank (all counters are global), because accelerate saves it from the main
     process only and every rank loads that one copy.
@@ -109,320 +122,52 @@ class TrainState:
                 setattr(self, key, value)
 
 
-class ResumableSampler(Sampler[int]):
-    """Per-epoch seeded permutation, sharded by rank, started at a given micro-batch of an epoch.
+@dataclass
+class Run:
+    """Everything one training run works with; built once by :func:`train`, passed to every piece."""
 
-    Epoch ``e`` visits ``randperm(N, seed·1000003 + e)[rank::world]``, truncated to whole batches, so
-    every rank has the same number of micro-batches and the order is a pure function of
-    (seed, epoch, rank): a resumed run only needs (epoch, micro-batches consumed).
-    """
+    args: argparse.Namespace
+    method: DistillMethod
+    accelerator: Accelerator
+    student: nn.Module  # prepared: possibly DDP/DeepSpeed-wrapped
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    data: TrainData
+    encode: Callable[[dict], tuple[torch.Tensor, FluxInputs]]  # micro-batch → (packed latents, inputs)
+    config: dict  # run_config.json of every checkpoint
+    hooks: list[Hook]
+    state: TrainState = field(default_factory=TrainState)
+    stop: StopRequest = field(default_factory=StopRequest)
+    stop_agreed: bool = False  # some rank was asked to stop (all-reduced): stop after this update
+    last_saved_step: int = -1
+    log: RunLog = field(init=False)
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch, self.start_batch = 0, 0
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {num_samples} samples: fewer than one batch of {batch_size} per "
-                             f"process ({world_size} processes). Use a smaller --train_batch_size or more data.")
+    def __post_init__(self):
+        self.log = RunLog(self.args.output_dir, self.accelerator.is_main_process)
+        self.unwrapped = self.accelerator.unwrap_model(self.student)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self.num_samples // self.world_size // self.batch_size
-
-    def set_position(self, epoch: int, start_batch: int) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        """This rank's sample indices of ``epoch``, in order (whole batches only)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.num_samples, generator=g)[self.rank::self.world_size]
-        return order[: self.batches_per_epoch * self.batch_size].tolist()
-
-    def __iter__(self):
-        return iter(self.epoch_order(self.epoch)[self.start_batch * self.batch_size:])
-
-    def __len__(self) -> int:
-        return max(0, self.batches_per_epoch - self.start_batch) * self.batch_size
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
-class _StopRequest:
-    """SIGTERM/SIGINT → finish the current optimizer step, checkpoint, exit 0.
+@dataclass
+class _Window:
+    """One accumulation window: ``gradient_accumulation_steps`` micro-batches → one optimizer update."""
 
-    A second SIGINT (Ctrl-C twice) interrupts at once, as users expect; SIGTERM only ever sets the
-    flag (schedulers send SIGKILL after their grace period anyway).  Previous handlers are restored
-    when training returns, so calling :func:`train` in-process leaves the caller's handlers intact.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
+    culprits: list[str] | None = None  # names of the non-finite loss terms seen (None: all finite)
+    out: LossOutput | None = None  # of the last micro-batch
+    grad_norm: torch.Tensor | float | None = None
+    skipped: bool = False
+    started: float = 0.0  # time.time() at the start of the last micro-batch
 
 
-def _deepspeed_plugin(args: argparse.Namespace) -> DeepSpeedPlugin | None:
-    if args.ds_file is None:
-        return None
-    config = json.loads(Path(args.ds_file).read_text())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # The flags are the source of truth; the original's "auto" clipping silently became 1.0.
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * world
-    config["gradient_clipping"] = args.max_grad_norm
-    if config.get("bf16", {}).get("enabled"):
-        # Non-finite steps are skipped by DeepSpeed's overflow check (see module docstring): make sure it is on.
-        config["bf16"]["check_grad_overflow"] = True
-    elif not config.get("fp16", {}).get("enabled"):
-        raise ValueError(f"--ds_file {args.ds_file} enables neither bf16 nor fp16: fp32 ZeRO has no overflow check, "
-                         "so a non-finite step could not be skipped. Enable bf16 (see parallel_config/).")
-    return DeepSpeedPlugin(hf_ds_config=config)
-
-
-def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    plugin = _deepspeed_plugin(args)
-    mixed = args.mixed_precision
-    if plugin is not None:
-        ds_conf = plugin.deepspeed_config
-        mixed = "bf16" if ds_conf.get("bf16", {}).get("enabled") else "fp16" if ds_conf.get("fp16", {}).get("enabled") else "no"
-    report_to = None if args.report_to in (None, "none") else args.report_to
-    kwargs = []
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or plugin is not None
-    if distributed and not torch.cuda.is_available():
-        # Without CUDA accelerate picks no backend and under-reports the world size; gloo fixes it.
-        kwargs.append(InitProcessGroupKwargs(backend="gloo"))
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed,
-        log_with=report_to, deepspeed_plugin=plugin, kwargs_handlers=kwargs,
-        # We step the LR scheduler once per applied update ourselves.  accelerate's default steps it
-        # num_processes times per update, so a 2-process linear schedule would decay twice as fast.
-        step_scheduler_with_optimizer=False,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
-    )
-    if plugin is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise TrainingError(f"--ds_file was given but accelerate runs as {accelerator.distributed_type.value}, not "
-                            "DeepSpeed (ACCELERATE_USE_CPU=true turns DeepSpeed off; on CPU set DS_ACCELERATOR=cpu instead).")
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != expected:
-        raise TrainingError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE={expected}: the "
-                           "launch is misconfigured (on CPU use torchrun with ACCELERATE_USE_CPU=true).")
-    logger.info("distributed type %s, %d process(es), mixed precision %s", accelerator.distributed_type.value,
-                accelerator.num_processes, accelerator.mixed_precision)
-    return accelerator
-
-
-def check_output_dir_writable(output_dir: str) -> None:
-    """Fail early, leaving nothing behind, when ``output_dir`` could not be created or written.
-
-    The nearest existing ancestor must be a directory in which a file can really be created: a probe
-    file is made and removed.  (``os.access`` is not enough: for root it reports read-only
-    directories, and pseudo-filesystems such as /sys, as writable.)
-    """
-    path = Path(output_dir).absolute()
-    while not path.exists() and not path.is_symlink():
-        path = path.parent
-    if not path.is_dir():
-        raise PermissionError(f"--output_dir {output_dir} cannot be created: {path} is a file, not a folder. "
-                              "Choose another --output_dir.")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".t2i-write-probe-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise PermissionError(f"--output_dir {output_dir} is not writable: cannot create files in {path} "
-                              f"({exc.strerror or exc}). Choose a writable folder.") from exc
-
-
-def _weight_dtype(accelerator: Accelerator) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def load_transformers(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
-    """Teacher and student FLUX transformers, both with the rescaled weights when given."""
-    models = []
-    for _ in range(2):
-        transformer = load_flux_transformer(args.pretrained_model_name_or_path, args.timestep_scale, revision=args.revision)
-        if args.rescaled_checkpoint_path:
-            load_transformer_weights(transformer, args.rescaled_checkpoint_path)
-        models.append(transformer)
-    return models[0], models[1]
-
-
-def run_config(args: argparse.Namespace, method: DistillMethod, accelerator: Accelerator) -> dict:
-    return {**{k: v for k, v in vars(args).items() if not k.startswith("_")},
-            "method": method.name, "num_processes": accelerator.num_processes,
-            "distributed_type": accelerator.distributed_type.value}
-
-
-def check_dataset_readable(dataset: Text2ImageDataset, probes: int = 8) -> None:
-    """Clear error up front when none of a few evenly spaced samples can be used.
-
-    Catches a wrong ``--image_column`` (e.g. a text column), images stored in an unusable form, or a
-    caption column that holds no text, before any output is written.  Isolated bad samples pass here
-    and are skipped during training.
-    """
-    n = len(dataset)
-    indices = sorted({round(i * (n - 1) / max(1, probes - 1)) for i in range(min(probes, n))})
-    reasons = []
-    for i in indices:
-        sample = dataset[i]
-        if "bad_reason" not in sample:
-            return
-        reasons.append(f"#{i}: {sample['bad_reason']}")
-    raise ValueError(f"none of the {len(indices)} dataset samples checked can be used ({'; '.join(reasons[:3])}). "
-                     "Check --image_column / --caption_column and that the image column holds images.")
-
-
-def _substitute_batch(dataset: Text2ImageDataset, batch: dict, max_tries: int = 64) -> dict:
-    """A one-sample batch replacing a micro-batch whose samples are all unreadable.
-
-    Every rank must run a forward/backward on every micro-batch (DDP and DeepSpeed synchronise
-    gradients inside backward), so an empty micro-batch cannot simply be skipped.  The substitute is
-    the next readable sample after the first bad index: deterministic, hence resumable.
-    """
-    n = len(dataset)
-    start = batch["bad_indices"][0]
-    for k in range(1, min(n, max_tries) + 1):
-        j = (start + k) % n
-        sample = dataset[j]
-        if "bad_reason" not in sample:
-            out = dataset.collate_fn([sample])
-            out["bad_indices"], out["bad_reasons"] = batch["bad_indices"], batch["bad_reasons"]
-            return out
-    raise TrainingError(f"samples {batch['bad_indices']} and the {min(n, max_tries)} following ones are all "
-                        "unreadable; check the dataset.")
-
-
-def _nonfinite_terms(out: LossOutput | None) -> list[str]:
-    if out is None:
-        return []
-    return [name for name, value in out.terms.items()
-            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value.detach()).all())]
-
-
-class _RunLog:
-    """Main-process JSON-lines logs: ``logs/metrics.jsonl`` (one line per applied step) and
-    ``logs/events.jsonl`` (bad samples, skipped steps, stops, saves)."""
-
-    def __init__(self, output_dir: str, enabled: bool):
-        self.metrics = Path(output_dir, "logs", "metrics.jsonl")
-        self.events = Path(output_dir, "logs", "events.jsonl")
-        self.enabled = enabled
-
-    def _append(self, path: Path, record: dict) -> None:
-        if not self.enabled:
-            return
-        try:
-            with open(path, "a") as f:
-                f.write(json.dumps(record, default=str) + "\n")
-        except OSError as exc:  # e.g. a full disk: the next checkpoint save reports it clearly and stops
-            logger.warning("could not append to %s: %s", path, exc)
-
-    def metric(self, record: dict) -> None:
-        self._append(self.metrics, record)
-
-    def event(self, kind: str, **record) -> None:
-        self._append(self.events, {"event": kind, "time": round(time.time(), 3), **record})
-
-    def truncate_metrics(self, step: int) -> None:
-        """On resume: drop metric lines of steps after the checkpoint (they are recomputed)."""
-        if not (self.enabled and self.metrics.exists()):
-            return
-        kept = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill -9
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        ckpt.atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
-
-
-def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
-
-
-def _save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, method: DistillMethod, student: nn.Module,
-                     state: TrainState, config: dict, log: _RunLog) -> Path:
-    """Collective: full state into ``.checkpoint-<step>.tmp``, export, then rename into place.
-
-    Any failure (disk full, permissions, ...) on any rank removes the temporary folder and raises a
-    :class:`TrainingError` on every rank; existing checkpoints are never modified.
-    """
-    out, step = args.output_dir, state.step
-    tmp = Path(out) / "checkpoints" / f".checkpoint-{step}.tmp"
-    final = Path(out) / "checkpoints" / f"checkpoint-{step}"
-    failure: str | None = None
-
-    def agree(failure: str | None) -> None:
-        if not _any_rank(accelerator, failure is not None):
-            return
-        reasons = [r for r in gather_object([failure]) if r]
-        if accelerator.is_main_process:
-            ckpt.abort_checkpoint(out, step)
-        previous = ckpt.list_checkpoints(out)
-        kept = f"the previous checkpoints are intact (newest: {previous[-1][1]})" if previous else \
-            "no earlier checkpoint exists"
-        try:  # torch.save reports a full disk only as "unexpected pos ...": say how much space is left
-            free = f"; {shutil.disk_usage(out).free / 2**20:.1f} MiB free on that disk"
-        except OSError:
-            free = ""
-        log.event("save_failed", step=step, reason=reasons[0])
-        raise TrainingError(f"could not save the checkpoint of step {step} in {out} ({reasons[0]}{free}). Its "
-                            f"temporary folder was removed and {kept}. Free disk space or fix the folder's "
-                            "permissions, then resume with --resume_from_checkpoint latest.")
-
-    def describe(exc: BaseException) -> str:
-        return f"{type(exc).__name__}: {exc}"
-
-    if accelerator.is_main_process:
-        try:
-            ckpt.begin_checkpoint(out, step)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised as TrainingError
-            failure = describe(exc)
-    agree(failure)
-    try:
-        accelerator.save_state(str(tmp))
-    except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError("file write failed") from torch.save on ENOSPC
-        failure = describe(exc)
-    agree(failure)
-    if accelerator.is_main_process:
-        try:
-            # Export before publishing the checkpoint: "checkpoint-N exists" implies "transformer_N.pt exists".
-            module, transformer_config = method.export_state_dict(accelerator.unwrap_model(student))
-            ckpt.export_transformer(ckpt.export_path(out, step), module, transformer_config, step)
-            ckpt.finish_checkpoint(tmp, step, config, args.checkpoints_total_limit)
-            ckpt.prune_exports(out, getattr(args, "exports_total_limit", None))
-        except Exception as exc:  # noqa: BLE001
-            failure = describe(exc)
-    agree(failure)
-    log.event("checkpoint", step=step, path=str(final))
-    return final
-
-
-def _check_resume_files(path: Path, accelerator: Accelerator) -> None:
-    """accelerate silently skips a missing RNG file; a resumed run would then not be exact."""
-    rng = path / f"random_states_{accelerator.process_index}.pkl"
-    if not rng.is_file():
-        raise FileNotFoundError(f"{path} has no {rng.name}: it was not written by a run with "
-                                f"{accelerator.num_processes} process(es) or is incomplete.")
+def build_hooks(args: argparse.Namespace) -> list[Hook]:
+    """The run's hooks, in call order (new features append theirs here)."""
+    return [ProgressBar(), MetricsLogger(args.logging_steps)]
 
 
 def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
@@ -437,241 +182,300 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
     accelerator = build_accelerator(args)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-
-    # Which run are we continuing?  Decided first: a mismatch must fail before minutes of loading.
     config = run_config(args, method, accelerator)
-    resume_path = None
-    if args.resume_from_checkpoint:
-        resume_path = ckpt.resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-        if resume_path is None:
-            logger.info("no checkpoint in %s yet: starting from scratch", args.output_dir)
-        else:
-            changed = ckpt.check_resume_config(resume_path, config, tuple(getattr(method, "resume_invariants", ())))
-            if changed and accelerator.is_main_process:
-                logger.warning("resuming with changed flags %s; the checkpoint's optimizer and LR-scheduler state "
-                               "win over the new values where they overlap (e.g. --learning_rate)", changed)
-            _check_resume_files(resume_path, accelerator)
-    elif ckpt.list_checkpoints(args.output_dir):
-        raise ValueError(f"--output_dir {args.output_dir} already holds checkpoints of a run. Continue it with "
-                         "--resume_from_checkpoint latest, or choose a new --output_dir.")
-
+    # Which run are we continuing?  Decided first: a mismatch must fail before minutes of loading.
+    resume_path = resume_point(args, method, config, accelerator)
     # Data before models: a missing column or an unreadable dataset fails in seconds, not after loading.
-    hf_dataset = load_hf_dataset(args.dataset_name, args.data_files, args.data_dir, cache_dir=args.cache_dir)
-    dataset = Text2ImageDataset(hf_dataset, args.resolution, args.image_column, args.caption_column,
-                                center_crop=args.center_crop, random_flip=args.random_flip, data_dir=args.data_dir,
-                                seed=args.seed)
-    check_dataset_readable(dataset)
+    data = TrainData(load_train_dataset(args), args.train_batch_size, accelerator.process_index,
+                     accelerator.num_processes, args.seed, args.dataloader_num_workers)
 
-    # Models: identical initialisation on every rank, then per-rank random streams for the loss.
-    set_seed(args.seed)
-    # Text encoders in the training precision (T5-XXL is 19 GB in fp32); the VAE stays fp32 (84 M params).
-    pipe = load_flux_components(args.pretrained_model_name_or_path, revision=args.revision,
-                                dtype=_weight_dtype(accelerator))
-    pipe.vae.to(torch.float32)
-    check_resolution(args.resolution, pipe.vae_scale_factor)
-    conditioner = FluxConditioner(pipe, accelerator.device, args.max_sequence_length)
+    set_seed(args.seed)  # identical initialisation on every rank
+    conditioner = build_conditioner(args, accelerator)
     if hasattr(method, "setup"):
         method.setup(conditioner)
-    teacher_tf, student_tf = load_transformers(args)
-    student, teacher = method.build_models(args, teacher_tf, student_tf)
-    teacher.requires_grad_(False).eval().to(accelerator.device, _weight_dtype(accelerator))
-    if args.gradient_checkpointing:
-        student_tf.enable_gradient_checkpointing()
-    student.train()
-
-    sampler = ResumableSampler(len(dataset), args.train_batch_size, accelerator.process_index,
-                               accelerator.num_processes, args.seed)
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=dataset.collate_fn,
-                        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
-
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    from diffusers.optimization import get_scheduler
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+    student, teacher, _ = build_models(args, method, accelerator)
+    optimizer, lr_scheduler = build_optimizer(args, student)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-
+    run = Run(args, method, accelerator, student, teacher, optimizer, lr_scheduler, data,
+              encode=lambda batch: conditioner(batch["pixel_values"], batch["captions"]),
+              config=config, hooks=build_hooks(args))
+    accelerator.register_for_checkpointing(run.state)
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))  # model, optimizer, scheduler, RNG of this rank, train state
-        saved_step = ckpt.read_run_config(resume_path).get("step")
-        if saved_step is not None and saved_step != state.step:
-            raise TrainingError(f"{resume_path} is inconsistent: run_config.json says step {saved_step}, the train "
-                                f"state says {state.step}.")
-        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_path, state.step, state.epoch,
-                    state.batches_in_epoch)
+        _restore(run, resume_path)
     else:
         set_seed(args.seed + accelerator.process_index)  # per-rank noise; on resume the restored RNG wins
+    _open_logs(run, resume_path)
 
-    # Inputs are valid: only now does the run folder appear.
-    log = _RunLog(args.output_dir, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        Path(args.output_dir, "logs").mkdir(parents=True, exist_ok=True)
-        if resume_path is not None:
-            log.truncate_metrics(state.step)
-            log.event("resume", step=state.step, path=str(resume_path))
-        tracker_config = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(f"t2i-distill-{method.name}", config=tracker_config)
-
-    stop = _StopRequest()
-    stop.install()
+    run.stop.install()
     try:
-        _train_loop(args, method, accelerator, state, config, log, stop, dataset, sampler, loader, conditioner,
-                    student, teacher, optimizer, lr_scheduler, params, deepspeed,
-                    last_save_step=state.step if resume_path is not None else -1)
+        for hook in run.hooks:
+            hook.on_train_start(run)
+        _train_loop(run)
     finally:
-        stop.restore()
-    if stop.requested and state.step < args.max_train_steps and accelerator.is_main_process:
-        message = (f"Stopped by {stop.signal_name or 'a signal'} at step {state.step}; the full state is saved in "
-                   f"{Path(args.output_dir, 'checkpoints', f'checkpoint-{state.step}')}. To continue, run the same "
-                   f"command with --resume_from_checkpoint latest --output_dir {args.output_dir}")
-        log.event("stopped", step=state.step, signal=stop.signal_name)
-        logger.warning(message)
-        print(message, file=sys.stderr, flush=True)
+        run.stop.restore()
+        for hook in run.hooks:
+            hook.on_train_end(run)
+    _report_stop(run)
     accelerator.end_training()
-    return state
+    return run.state
 
 
-def _train_loop(args, method, accelerator, state, config, log, stop, dataset, sampler, loader, conditioner,
-                student, teacher, optimizer, lr_scheduler, params, deepspeed, last_save_step) -> None:
-    progress = tqdm(total=args.max_train_steps, initial=state.step, desc=f"{method.name} steps",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    try:
-        _run_steps(args, method, accelerator, state, config, log, stop, dataset, sampler, loader, conditioner,
-                   student, teacher, optimizer, lr_scheduler, params, deepspeed, last_save_step, progress)
-    finally:
-        progress.close()
+def _restore(run: Run, path: Path) -> None:
+    """Model, optimizer, scheduler, this rank's RNG, train state (accelerate), then the hook states."""
+    run.accelerator.load_state(str(path))
+    state = run.state
+    saved_step = ckpt.read_run_config(path).get("step")
+    if saved_step is not None and saved_step != state.step:
+        raise TrainingError(f"{path} is inconsistent: run_config.json says step {saved_step}, the train "
+                            f"state says {state.step}.")
+    hook_file = path / HOOK_STATES
+    states = torch.load(hook_file, map_location="cpu", weights_only=True, mmap=True) if hook_file.is_file() else {}
+    for hook in run.hooks:
+        if hook.name in states:
+            hook.load_state_dict(states[hook.name])
+    run.last_saved_step = state.step
+    logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, state.step, state.epoch,
+                state.batches_in_epoch)
 
 
-def _run_steps(args, method, accelerator, state, config, log, stop, dataset, sampler, loader, conditioner,
-               student, teacher, optimizer, lr_scheduler, params, deepspeed, last_save_step, progress) -> None:
-    unwrapped = accelerator.unwrap_model(student)
-    main = accelerator.is_main_process
-    bad_seen = set(state.bad_indices)
-    # Per accumulation window: names of non-finite terms (None = all finite) and whether a stop was asked.
-    window_culprits: list[str] | None = None
-    culprits: list[str] = []
-    stop_agreed = False
-    max_nonfinite = max(1, args.max_nonfinite_steps)
+def _open_logs(run: Run, resume_path: Path | None) -> None:
+    """Inputs are valid: only now does the run folder appear."""
+    if not run.main:
+        return
+    Path(run.args.output_dir, "logs").mkdir(parents=True, exist_ok=True)
+    if resume_path is not None:
+        run.log.truncate_metrics(run.state.step)
+        run.log.event("resume", step=run.state.step, path=str(resume_path))
+    tracker_config = {k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))}
+    run.accelerator.init_trackers(f"t2i-distill-{run.method.name}", config=tracker_config)
 
-    def save() -> None:
-        nonlocal last_save_step
-        if state.step != last_save_step:
-            _save_checkpoint(accelerator, args, method, student, state, config, log)
-            last_save_step = state.step
 
-    while state.step < args.max_train_steps:
-        sampler.set_position(state.epoch, state.batches_in_epoch)
-        dataset.set_epoch(state.epoch)  # crops/flips seeded by (seed, epoch, index): resumable
+def _report_stop(run: Run) -> None:
+    state, args = run.state, run.args
+    if not (run.stop.requested and state.step < args.max_train_steps and run.main):
+        return
+    message = (f"Stopped by {run.stop.signal_name or 'a signal'} at step {state.step}; the full state is saved in "
+               f"{Path(args.output_dir, 'checkpoints', f'checkpoint-{state.step}')}. To continue, run the same "
+               f"command with --resume_from_checkpoint latest --output_dir {args.output_dir}")
+    run.log.event("stopped", step=state.step, signal=run.stop.signal_name)
+    logger.warning(message)
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+def _train_loop(run: Run) -> None:
+    state = run.state
+    window = _Window()
+    while state.step < run.args.max_train_steps:
         finished_epoch = True
-        for batch in loader:
+        for batch in run.data.batches(state.epoch, state.batches_in_epoch):
             state.batches_in_epoch += 1
-            n_read, n_bad = len(batch["indices"]) + len(batch["bad_indices"]), len(batch["bad_indices"])
-            if not batch["indices"]:
-                batch = _substitute_batch(dataset, batch)
-                logger.warning("micro-batch with only unreadable samples %s: trained on sample %d instead",
-                               batch["bad_indices"], batch["indices"][0])
-                log.event("substituted_batch", step=state.step, rank=accelerator.process_index,
-                          bad_indices=batch["bad_indices"], substitute=batch["indices"][0])
-            step_start = time.time()
-            with accelerator.accumulate(student):  # entered exactly once per micro-batch
-                latents, inputs = conditioner(batch["pixel_values"], batch["captions"])
-                out = method.loss(student, unwrapped, teacher, latents, inputs, state.step)
-                local_nonfinite = not bool(torch.isfinite(out.loss.detach()).all())
-                # One all-reduce decides for every rank: non-finite loss anywhere, stop, data counters.
-                flags = torch.tensor([float(local_nonfinite), float(stop.requested), float(n_read), float(n_bad)],
-                                     dtype=torch.float64, device=accelerator.device)
-                any_nonfinite, any_stop, reads, bads = accelerator.reduce(flags, "sum").tolist()
-                stop_agreed = stop_agreed or any_stop > 0
-                if any_nonfinite > 0:
-                    names = [name for names in gather_object([_nonfinite_terms(out)]) for name in names]
-                    window_culprits = list(dict.fromkeys((window_culprits or []) + (names or ["loss"])))
-                    # loss·NaN poisons every gradient of this accumulation window on every rank, so the
-                    # update is dropped below (grad-norm check) or by DeepSpeed's overflow check.
-                    loss = out.loss * float("nan")
-                else:
-                    loss = out.loss
-                accelerator.backward(loss)
-                grad_norm, skipped = None, False
-                if accelerator.sync_gradients:
-                    if deepspeed:
-                        skipped = accelerator.optimizer_step_was_skipped  # the engine already stepped
-                        grad_norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
-                    else:
-                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                        skipped = not bool(torch.isfinite(grad_norm))
-                        if not skipped or accelerator.scaler is not None:
-                            optimizer.step()  # with an fp16 GradScaler, the scaler skips and lowers its scale
-                            skipped = skipped or accelerator.optimizer_step_was_skipped
-                        optimizer.zero_grad(set_to_none=True)
-                    if not skipped:
-                        lr_scheduler.step()
-
-            # ---- bookkeeping (identical on every rank: all inputs above were all-reduced) ----
-            state.samples_seen += int(reads)
-            state.bad_samples += int(bads)
-            if bads > 0:
-                for index, reason in gather_object(list(zip(batch["bad_indices"], batch["bad_reasons"]))):
-                    if index not in bad_seen:
-                        bad_seen.add(index)
-                        if main:
-                            logger.warning("skipping unreadable sample %d: %s", index, reason)
-                        log.event("bad_sample", step=state.step, index=index, reason=reason)
-                state.bad_indices = sorted(bad_seen)
-            if not accelerator.sync_gradients:
+            _micro_step(run, batch, window)
+            if not run.accelerator.sync_gradients:
                 continue  # mid accumulation window: no step, no save, no stop
-
-            if skipped:
-                culprits = window_culprits or ["gradients"]
-                state.skipped_nonfinite += 1
-                state.consecutive_nonfinite += 1
-                if main:
-                    logger.warning("step %d: non-finite %s; update skipped (%d in a row, %d in total)",
-                                   state.step + 1, ", ".join(culprits), state.consecutive_nonfinite,
-                                   state.skipped_nonfinite)
-                log.event("nonfinite_skip", step=state.step, terms=culprits,
-                          consecutive=state.consecutive_nonfinite)
-            else:
-                state.consecutive_nonfinite = 0
-                state.step += 1
-                progress.update(1)
-                if state.step % args.logging_steps == 0:
-                    logs = {**out.logs, "lr": lr_scheduler.get_last_lr()[0], "step_time": time.time() - step_start,
-                            "bad_samples": state.bad_samples, "skipped_nonfinite": state.skipped_nonfinite}
-                    if grad_norm is not None:
-                        logs["grad_norm"] = float(grad_norm)
-                    progress.set_postfix(loss=f"{out.loss.item():.4f}")
-                    accelerator.log(logs, step=state.step)
-                    log.metric({"step": state.step, **logs})
-            window_culprits = None
-
-            if len(bad_seen) > args.max_bad_sample_fraction * len(dataset):
-                save()
-                raise TrainingError(
-                    f"{len(bad_seen)} of the {len(dataset)} dataset samples are unreadable (more than "
-                    f"--max_bad_sample_fraction {args.max_bad_sample_fraction}); first ones: "
-                    f"{state.bad_indices[:10]} (reasons in {log.events}). Fix or filter the data, or raise the "
-                    f"fraction and resume with --resume_from_checkpoint latest.")
-            if state.consecutive_nonfinite >= max_nonfinite:
-                save()
-                raise TrainingError(
-                    f"{state.consecutive_nonfinite} consecutive non-finite steps (non-finite: {', '.join(culprits)}); "
-                    f"the last good weights (step {state.step}) are saved in "
-                    f"{Path(args.output_dir, 'checkpoints', f'checkpoint-{state.step}')}. Lower --learning_rate, "
-                    "check the teacher checkpoint and the data.")
-            done = state.step >= args.max_train_steps
-            periodic = not skipped and state.step % args.checkpointing_steps == 0
-            if periodic or done or stop_agreed:
-                save()
-            if done or stop_agreed:
+            culprits = _end_window(run, window)
+            window = _Window()
+            _check_limits(run, culprits)
+            done = state.step >= run.args.max_train_steps
+            periodic = culprits is None and state.step % run.args.checkpointing_steps == 0
+            if periodic or done or run.stop_agreed:
+                _save(run)
+            if done or run.stop_agreed:
                 finished_epoch = False
                 break
-        if stop_agreed:
-            stop.requested = True  # every rank reports the stop, even one that never got the signal
+        if run.stop_agreed:
+            run.stop.requested = True  # every rank reports the stop, even one that never got the signal
             break
         if finished_epoch:
             state.epoch += 1
             state.batches_in_epoch = 0
+
+
+def _micro_step(run: Run, batch: dict, window: _Window) -> None:
+    """Forward and backward of one micro-batch; the optimizer update at the end of a window."""
+    acc = run.accelerator
+    n_read, n_bad = len(batch["indices"]) + len(batch["bad_indices"]), len(batch["bad_indices"])
+    if not batch["indices"]:
+        batch = run.data.substitute(batch)
+        logger.warning("micro-batch with only unreadable samples %s: trained on sample %d instead",
+                       batch["bad_indices"], batch["indices"][0])
+        run.log.event("substituted_batch", step=run.state.step, rank=acc.process_index,
+                      bad_indices=batch["bad_indices"], substitute=batch["indices"][0])
+    window.started = time.time()
+    with acc.accumulate(run.student):  # entered exactly once per micro-batch
+        latents, inputs = run.encode(batch)
+        out = run.method.loss(run.student, run.unwrapped, run.teacher, latents, inputs, run.state.step)
+        local_nonfinite = not bool(torch.isfinite(out.loss.detach()).all())
+        # One all-reduce decides for every rank: non-finite loss anywhere, stop, data counters.
+        flags = torch.tensor([float(local_nonfinite), float(run.stop.requested), float(n_read), float(n_bad)],
+                             dtype=torch.float64, device=acc.device)
+        any_nonfinite, any_stop, reads, bads = acc.reduce(flags, "sum").tolist()
+        run.stop_agreed = run.stop_agreed or any_stop > 0
+        loss = out.loss
+        if any_nonfinite > 0:
+            names = [name for names in gather_object([_nonfinite_terms(out)]) for name in names]
+            window.culprits = list(dict.fromkeys((window.culprits or []) + (names or ["loss"])))
+            # loss·NaN poisons every gradient of this accumulation window on every rank, so the
+            # update is dropped by _optimizer_step (grad-norm check) or by DeepSpeed's overflow check.
+            loss = out.loss * float("nan")
+        acc.backward(loss)
+        if acc.sync_gradients:
+            window.grad_norm, window.skipped = _optimizer_step(run)
+    window.out = out
+    _count_samples(run, batch, int(reads), int(bads))
+
+
+def _optimizer_step(run: Run) -> tuple[torch.Tensor | float | None, bool]:
+    """Clip and apply the accumulated gradients, or skip when they are non-finite: (grad norm, skipped)."""
+    acc = run.accelerator
+    if run.deepspeed:
+        skipped = acc.optimizer_step_was_skipped  # the engine already stepped (or skipped, on overflow)
+        grad_norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()
+    else:
+        grad_norm = acc.clip_grad_norm_(run.params, run.args.max_grad_norm)
+        skipped = not bool(torch.isfinite(grad_norm))
+        if not skipped or acc.scaler is not None:
+            run.optimizer.step()  # with an fp16 GradScaler, the scaler skips and lowers its scale
+            skipped = skipped or acc.optimizer_step_was_skipped
+        run.optimizer.zero_grad(set_to_none=True)
+    if not skipped:
+        run.lr_scheduler.step()
+    return grad_norm, skipped
+
+
+def _count_samples(run: Run, batch: dict, reads: int, bads: int) -> None:
+    """Data counters (all-reduced, so identical on every rank) and the first report of each bad sample."""
+    state = run.state
+    state.samples_seen += reads
+    state.bad_samples += bads
+    if bads == 0:
+        return
+    seen = set(state.bad_indices)
+    for index, reason in gather_object(list(zip(batch["bad_indices"], batch["bad_reasons"]))):
+        if index not in seen:
+            seen.add(index)
+            if run.main:
+                logger.warning("skipping unreadable sample %d: %s", index, reason)
+            run.log.event("bad_sample", step=state.step, index=index, reason=reason)
+    state.bad_indices = sorted(seen)
+
+
+def _end_window(run: Run, window: _Window) -> list[str] | None:
+    """Count a skipped update (returns the non-finite culprits) or an applied one (runs the hooks)."""
+    state = run.state
+    if window.skipped:
+        culprits = window.culprits or ["gradients"]
+        state.skipped_nonfinite += 1
+        state.consecutive_nonfinite += 1
+        if run.main:
+            logger.warning("step %d: non-finite %s; update skipped (%d in a row, %d in total)", state.step + 1,
+                           ", ".join(culprits), state.consecutive_nonfinite, state.skipped_nonfinite)
+        run.log.event("nonfinite_skip", step=state.step, terms=culprits, consecutive=state.consecutive_nonfinite)
+        return culprits
+    state.consecutive_nonfinite = 0
+    state.step += 1
+    grad_norm = None if window.grad_norm is None else float(window.grad_norm)
+    update = Update(state.step, window.out, grad_norm, run.lr_scheduler.get_last_lr()[0],
+                    time.time() - window.started)
+    for hook in run.hooks:
+        hook.on_update(run, update)
+    return None
+
+
+def _check_limits(run: Run, culprits: list[str] | None) -> None:
+    """Save and stop when too many samples are unreadable or too many steps in a row were non-finite."""
+    state, args = run.state, run.args
+    if len(state.bad_indices) > args.max_bad_sample_fraction * len(run.data):
+        _save(run)
+        raise TrainingError(
+            f"{len(state.bad_indices)} of the {len(run.data)} dataset samples are unreadable (more than "
+            f"--max_bad_sample_fraction {args.max_bad_sample_fraction}); first ones: "
+            f"{state.bad_indices[:10]} (reasons in {run.log.events}). Fix or filter the data, or raise the "
+            f"fraction and resume with --resume_from_checkpoint latest.")
+    if culprits is not None and state.consecutive_nonfinite >= max(1, args.max_nonfinite_steps):
+        _save(run)
+        raise TrainingError(
+            f"{state.consecutive_nonfinite} consecutive non-finite steps (non-finite: {', '.join(culprits)}); "
+            f"the last good weights (step {state.step}) are saved in "
+            f"{Path(args.output_dir, 'checkpoints', f'checkpoint-{state.step}')}. Lower --learning_rate, "
+            "check the teacher checkpoint and the data.")
+
+
+def _nonfinite_terms(out: LossOutput) -> list[str]:
+    return [name for name, value in out.terms.items()
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value.detach()).all())]
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+def _save(run: Run) -> None:
+    if run.state.step != run.last_saved_step:
+        save_checkpoint(run)
+        run.last_saved_step = run.state.step
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+def _publish(run: Run, tmp: Path) -> None:
+    """Main process, once every rank wrote its state into ``tmp``: exports and hook states, then the rename.
+
+    Exports come first: "checkpoint-N exists" implies "transformer_N.pt (and the hooks' exports) exist".
+    """
+    args, step = run.args, run.state.step
+    module, transformer_config = run.method.export_state_dict(run.unwrapped)
+    ckpt.export_transformer(ckpt.export_path(args.output_dir, step), module, transformer_config, step)
+    for hook in run.hooks:
+        hook.on_save(run, step)
+    states = {hook.name: s for hook in run.hooks if (s := hook.state_dict()) is not None}
+    if states:
+        ckpt.atomic_torch_save(states, tmp / HOOK_STATES)
+    ckpt.finish_checkpoint(tmp, step, run.config, args.checkpoints_total_limit)
+    ckpt.prune_exports(args.output_dir, getattr(args, "exports_total_limit", None))
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Collective: full state into ``.checkpoint-<step>.tmp``, exports, then rename into place.
+
+    Any failure (disk full, permissions, ...) on any rank removes the temporary folder and raises a
+    :class:`TrainingError` on every rank; existing checkpoints are never modified.
+    """
+    accelerator, args = run.accelerator, run.args
+    out, step = args.output_dir, run.state.step
+    tmp = Path(out) / "checkpoints" / f".checkpoint-{step}.tmp"
+    final = Path(out) / "checkpoints" / f"checkpoint-{step}"
+
+    def agree(failure: str | None) -> None:
+        if not _any_rank(accelerator, failure is not None):
+            return
+        reasons = [r for r in gather_object([failure]) if r]
+        if accelerator.is_main_process:
+            ckpt.abort_checkpoint(out, step)
+        previous = ckpt.list_checkpoints(out)
+        kept = f"the previous checkpoints are intact (newest: {previous[-1][1]})" if previous else \
+            "no earlier checkpoint exists"
+        try:  # torch.save reports a full disk only as "unexpected pos ...": say how much space is left
+            free = f"; {shutil.disk_usage(out).free / 2**20:.1f} MiB free on that disk"
+        except OSError:
+            free = ""
+        run.log.event("save_failed", step=step, reason=reasons[0])
+        raise TrainingError(f"could not save the checkpoint of step {step} in {out} ({reasons[0]}{free}). Its "
+                            f"temporary folder was removed and {kept}. Free disk space or fix the folder's "
+                            "permissions, then resume with --resume_from_checkpoint latest.")
+
+    def attempt(action: Callable[[], object], main_only: bool) -> None:
+        failure = None
+        if accelerator.is_main_process or not main_only:
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised as TrainingError
+                failure = f"{type(exc).__name__}: {exc}"  # e.g. RuntimeError("file write failed") on ENOSPC
+        agree(failure)
+
+    attempt(lambda: ckpt.begin_checkpoint(out, step), main_only=True)
+    attempt(lambda: accelerator.save_state(str(tmp)), main_only=False)
+    attempt(lambda: _publish(run, tmp), main_only=True)
+    run.log.event("checkpoint", step=step, path=str(final))
+    return final
