@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", choices=["scm", "meanflow"], required=True, help="Which student the checkpoint holds.")
     p.add_argument("--checkpoint", required=True,
                    help="Training export ckpts/transformer_<step>.pt ({'module', 'config', 'step'} or the original "
-                        "{'module'}), a .safetensors file, or a transformer folder.")
+                        "{'module'}), a .safetensors file, a transformer folder, or a LoRA export ckpts/lora_<step>/.")
     p.add_argument("--pretrained_model_name_or_path", default="Freepik/flux.1-lite-8B",
                    help="FLUX pipeline the student was distilled from (VAE, encoders, tokenizers, scheduler; and the "
                         "transformer config for checkpoints without one).")
@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="copy the teacher's other components (self-contained folder) or symlink them (no extra disk; "
                         "the folder then depends on the source staying in place).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --output_dir.")
+    p.add_argument("--fuse_lora", action="store_true",
+                   help="LoRA checkpoints: write W + (alpha/r)*B*A into transformer/ (a plain student). Without it the "
+                        "folder holds the base transformer (+ trained heads) and the adapter as "
+                        "pytorch_lora_weights.safetensors, which our pipelines' from_pretrained applies.")
+    p.add_argument("--lora_base", default=None,
+                   help="LoRA checkpoints: the weights the adapter was trained on (default: the run's "
+                        "--rescaled_checkpoint_path recorded in lora_info.json).")
     args = p.parse_args(argv)
     if args.sigma_data <= 0:
         p.error("--sigma_data must be > 0")
@@ -87,6 +94,7 @@ def export(args: argparse.Namespace) -> Path:
     from diffusers import __version__ as diffusers_version
 
     from model.loading import read_checkpoint
+    from model.lora import LORA_WEIGHTS, is_lora_folder
     from model.pipeline import PIPELINES, checkpoint_step, load_student_transformer
 
     out = Path(args.output_dir)
@@ -100,10 +108,17 @@ def export(args: argparse.Namespace) -> Path:
         raise ValueError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
     model_index = json.loads(index_file.read_text())
 
+    lora = is_lora_folder(args.checkpoint)
+    if args.fuse_lora and not lora:
+        raise ValueError(f"--fuse_lora needs a LoRA export folder (OUT/ckpts/lora_<step>/), not {args.checkpoint}")
     dtype = (getattr(torch, DTYPES[args.dtype]) if args.dtype != "auto"
-             else _checkpoint_dtype(read_checkpoint(args.checkpoint).state_dict))
+             else torch.float32 if lora else _checkpoint_dtype(read_checkpoint(args.checkpoint).state_dict))
     transformer, ckpt = load_student_transformer(args.checkpoint, args.pretrained_model_name_or_path, method=args.method,
-                                                 timestep_scale=args.timestep_scale, dtype=dtype, revision=args.revision)
+                                                 timestep_scale=args.timestep_scale, dtype=dtype, revision=args.revision,
+                                                 lora_base=args.lora_base, fuse_lora=args.fuse_lora)
+    adapter = lora and not args.fuse_lora
+    if adapter:
+        transformer.unload_lora()  # transformer/ holds the base (+ heads); the adapter goes beside it, unfused
     pipeline_cls = PIPELINES[args.method]
     base_scheduler = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
     scheduler = pipeline_cls.default_scheduler(base_scheduler)
@@ -116,6 +131,8 @@ def export(args: argparse.Namespace) -> Path:
     try:
         tmp.mkdir()
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        if adapter:  # diffusers' LoRA file at the pipeline root: pipe.load_lora_weights(folder) reads it
+            shutil.copyfile(Path(args.checkpoint) / LORA_WEIGHTS, tmp / LORA_WEIGHTS)
         scheduler.save_pretrained(tmp / "scheduler")
         for name in COMPONENTS_TO_COPY:
             entry = model_index.get(name)
@@ -135,7 +152,7 @@ def export(args: argparse.Namespace) -> Path:
         info = dict(method=args.method, pipeline_class=pipeline_cls.__name__, source_checkpoint=os.path.abspath(ckpt.path),
                     step=checkpoint_step(ckpt), pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                     timestep_scale=float(transformer.config.timestep_scale), dtype=str(dtype).replace("torch.", ""),
-                    components=args.link)
+                    components=args.link, lora="adapter" if adapter else "fused" if lora else None)
         (tmp / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()

@@ -295,3 +295,32 @@ def apply_lora_folder(transformer: DistillFluxTransformer2DModel, folder: LoraFo
     if fuse:
         transformer.fuse_lora(adapter_names=[ADAPTER_NAME])
         transformer.unload_lora()
+
+
+def load_lora_student(folder_path: str | os.PathLike, pretrained_model_name_or_path: str | None = None, *,
+                      base_checkpoint: str | None = None, dtype: torch.dtype = torch.float32,
+                      revision: str | None = None, fuse: bool = False) -> tuple[DistillFluxTransformer2DModel, LoraFolder]:
+    """The student of a LoRA folder: its base (pipeline transformer + the run's rescaled checkpoint, or
+    ``base_checkpoint``), the heads, and the adapter (fused into the weights with ``fuse``).
+
+    The base must be the one the adapter was trained on; the folder records it in ``lora_info.json``.
+    """
+    from model.loading import load_flux_transformer, load_transformer_weights
+
+    folder = read_lora_folder(folder_path)
+    recorded_pipe, recorded_base = folder.base
+    pipe = pretrained_model_name_or_path or recorded_pipe
+    base = base_checkpoint or recorded_base
+    config = folder.info.get("transformer_config") or {}
+    scale = float(config.get("timestep_scale", 1.0))
+    if pipe is None:
+        raise LoraError(f"{folder.path} does not name its FLUX pipeline: pass --pretrained_model_name_or_path")
+    if base is not None and not Path(base).exists():
+        raise LoraError(f"the base of {folder.path} ({base}, the run's --rescaled_checkpoint_path) does not exist "
+                        "here: pass the same rescaled teacher with --lora_base")
+    transformer = load_flux_transformer(pipe, scale, revision=revision)
+    if base is not None:
+        load_transformer_weights(transformer, base)
+    apply_lora_folder(transformer, folder, fuse=fuse)
+    transformer.to(dtype).eval().requires_grad_(False)
+    return transformer, folder

@@ -63,6 +63,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from model.flux_io import check_resolution
 from model.loading import (CheckpointError, LoadedCheckpoint, check_timestep_scale, load_flux_transformer,
                            load_state_dict_strict, read_checkpoint)
+from model.lora import ADAPTER_NAME, LORA_WEIGHTS, is_lora_folder, load_lora_student, read_lora_folder
 from model.transformer import STOCK_TIMESTEP_SCALE, DistillFluxTransformer2DModel
 from model.trigflow import FluxInputs, TrigFlowFlux, flow_velocity, trig_to_flow_time
 
@@ -123,7 +124,8 @@ def _transformer_config(pretrained: str, revision: str | None) -> dict:
 
 def load_student_transformer(checkpoint_path: str | os.PathLike, pretrained_model_name_or_path: str | None = None, *,
                              method: str, timestep_scale: float | None = None, dtype: torch.dtype = torch.float32,
-                             revision: str | None = None) -> tuple[DistillFluxTransformer2DModel, LoadedCheckpoint]:
+                             revision: str | None = None, lora_base: str | None = None,
+                             fuse_lora: bool = False) -> tuple[DistillFluxTransformer2DModel, LoadedCheckpoint]:
     """Build the transformer a checkpoint describes and load its weights strictly.
 
     The architecture comes from the checkpoint's own ``config`` (our exports) or, for the original
@@ -132,9 +134,15 @@ def load_student_transformer(checkpoint_path: str | os.PathLike, pretrained_mode
     follows the weights.  The model is built on the meta device and materialised once, so an 8B
     checkpoint is not preceded by an 8B random initialisation.  ``method`` ("scm", "meanflow",
     "teacher") rejects checkpoints of the other method with an error that says which tool to use.
+
+    A LoRA export folder (``ckpts/lora_<step>/``) is applied to its base (see :func:`model.lora.load_lora_student`;
+    ``lora_base`` replaces the rescaled teacher it records), unfused unless ``fuse_lora``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if is_lora_folder(checkpoint_path):
+        return _load_lora_student(checkpoint_path, pretrained_model_name_or_path, method, timestep_scale, dtype,
+                                  revision, lora_base, fuse_lora)
     ckpt = read_checkpoint(checkpoint_path)
     has_interval = any(k.startswith(INTERVAL_PREFIX) for k in ckpt.state_dict)
     has_logvar = any(k.startswith(LOGVAR_PREFIX) for k in ckpt.auxiliary)
@@ -163,6 +171,19 @@ def load_student_transformer(checkpoint_path: str | os.PathLike, pretrained_mode
     load_state_dict_strict(transformer, ckpt.state_dict, source=ckpt.path)
     transformer.eval().requires_grad_(False)
     return transformer, ckpt
+
+
+def _load_lora_student(path, pretrained, method, timestep_scale, dtype, revision, lora_base, fuse):
+    folder = read_lora_folder(path)
+    has_interval = any(k.startswith(INTERVAL_PREFIX) for k in folder.heads)
+    problem = _method_error(method, str(path), has_interval, any(k.startswith(LOGVAR_PREFIX) for k in folder.heads))
+    if problem:
+        raise CheckpointError(problem)
+    transformer, folder = load_lora_student(path, pretrained, base_checkpoint=lora_base, dtype=dtype, revision=revision,
+                                            fuse=fuse)
+    if timestep_scale is not None and float(timestep_scale) != transformer.timestep_scale:
+        raise CheckpointError(f"{path} was trained at timestep_scale={transformer.timestep_scale:g}, not {timestep_scale:g}")
+    return transformer, LoadedCheckpoint({}, dict(transformer.config), folder.info.get("step"), str(path))
 
 
 def load_teacher_pipeline(pretrained_model_name_or_path: str, checkpoint_path: str | os.PathLike | None = None, *,
@@ -262,20 +283,24 @@ class _FewStepFluxPipeline(FluxPipeline):
         """diffusers' loader, plus a check that the transformer is a student of this method."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         cls.check_transformer(pipe.transformer, str(pretrained_model_name_or_path))
+        if (Path(pretrained_model_name_or_path) / LORA_WEIGHTS).is_file():  # export_diffusers.py of a LoRA student
+            pipe.load_lora_weights(str(pretrained_model_name_or_path), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME)
         return pipe
 
     @classmethod
     def from_checkpoint(cls, pretrained_model_name_or_path: str, checkpoint_path: str | os.PathLike, *,
                         timestep_scale: float | None = None, dtype: torch.dtype = torch.float32,
-                        revision: str | None = None, **scheduler_overrides):
+                        revision: str | None = None, lora_base: str | None = None, **scheduler_overrides):
         """Pipeline = ``pretrained_model_name_or_path``'s VAE/encoders/tokenizers + the student of a training
-        export (``.pt`` with 'module' [+ 'config', 'step'], ``.safetensors`` or a transformer folder).
+        export (``.pt`` with 'module' [+ 'config', 'step'], ``.safetensors``, a transformer folder, or a LoRA
+        folder ``ckpts/lora_<step>/`` applied to its base; ``lora_base`` overrides the base it records).
 
         The teacher's transformer weights are not loaded.  ``scheduler_overrides`` go to the scheduler
         (e.g. ``sigma_data`` for sCM).  The checkpoint's step is kept in ``pipe.checkpoint_step``.
         """
         transformer, ckpt = load_student_transformer(checkpoint_path, pretrained_model_name_or_path, method=cls.method,
-                                                     timestep_scale=timestep_scale, dtype=dtype, revision=revision)
+                                                     timestep_scale=timestep_scale, dtype=dtype, revision=revision,
+                                                     lora_base=lora_base)
         base = FlowMatchEulerDiscreteScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler",
                                                            revision=revision)
         scheduler = cls.default_scheduler(dict(base))

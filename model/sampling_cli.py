@@ -41,13 +41,18 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     m.add_argument("--revision", default=None, help="Hub revision of --pretrained_model_name_or_path.")
     m.add_argument("--resume_path", default=None, required=method != "teacher",
                    help=("Student to sample: a training export ckpts/transformer_<step>.pt ({'module', 'config', 'step'} "
-                         "or the original {'module'}), a .safetensors file, a transformer folder, or a pipeline folder "
-                         "written by export_diffusers.py (then its own components are used)." if method != "teacher" else
+                         "or the original {'module'}), a .safetensors file, a transformer folder, a LoRA export folder "
+                         "ckpts/lora_<step>/ (applied to the base it was trained on), or a pipeline folder written by "
+                         "export_diffusers.py (then its own components are used)." if method != "teacher" else
                          "Optional teacher weights replacing the pipeline's transformer (e.g. a rescaled x1 teacher .pt)."))
     m.add_argument("--timestep_scale", type=float, default=None,
                    help="Factor on time/guidance inputs of the transformer (1000 = stock FLUX, 1 = rescaled). Default: "
                         "the checkpoint's own config; 1 for original-release .pt files without one"
                         + ("; the pipeline's config without --resume_path." if method == "teacher" else "."))
+    if method != "teacher":
+        m.add_argument("--lora_base", default=None,
+                       help="For a LoRA --resume_path: the weights its adapter was trained on (the run's "
+                            "--rescaled_checkpoint_path). Default: the path recorded in its lora_info.json.")
     m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="Weights dtype: auto = bf16 on GPU, fp32 on CPU.")
     m.add_argument("--device", default="auto", help="auto = cuda:LOCAL_RANK when CUDA is available, else cpu.")
@@ -140,12 +145,13 @@ def load_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def _training_run_config(resume_path: str | None) -> tuple[dict, Path] | None:
-    """The run config of the training run that wrote ``OUT/ckpts/transformer_<step>.pt`` (None if not found).
+    """The run config of the training run that wrote ``OUT/ckpts/transformer_<step>.pt`` or ``OUT/ckpts/lora_<step>/``
+    (None if not found).
 
     Prefers ``OUT/checkpoints/checkpoint-<step>/run_config.json``, else the newest checkpoint of that run
     (the guidance flags cannot change on resume).
     """
-    if resume_path is None or not Path(resume_path).is_file() or Path(resume_path).parent.name != "ckpts":
+    if resume_path is None or not Path(resume_path).exists() or Path(resume_path).parent.name != "ckpts":
         return None
     checkpoints = Path(resume_path).parent.parent / "checkpoints"
     step = Path(resume_path).stem.rpartition("_")[2]
@@ -248,7 +254,7 @@ def build_pipeline(method: str, args: argparse.Namespace, dtype) -> tuple[Any, i
             step = json.loads(info.read_text()).get("step") if info.is_file() else None
             return pipe, step
         pipe = cls.from_checkpoint(args.pretrained_model_name_or_path, args.resume_path, timestep_scale=args.timestep_scale,
-                                   dtype=dtype, revision=args.revision, **overrides)
+                                   dtype=dtype, revision=args.revision, lora_base=args.lora_base, **overrides)
         return pipe, pipe.checkpoint_step
     except OSError as exc:  # diffusers/transformers report unreadable folders and hub misses as OSError
         if isinstance(exc, (FileNotFoundError, PermissionError)):

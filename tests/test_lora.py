@@ -232,3 +232,81 @@ def test_parameter_counts():
     per_layer = sum(SPEC.rank * (m.in_features + m.out_features) for n, m in base.named_modules()
                     if n in set(resolve_target_modules(tiny_transformer(), SPEC.target_modules)))
     assert counts == {"total": full + counts["trainable"], "trainable": per_layer}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exports → pipelines, export_diffusers.py and the sampling CLI
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_exports(tiny_assets, tmp_path_factory):
+    """A rescaled (×1) base .pt, and LoRA exports of sCM/MeanFlow students trained on it (random B, heads)."""
+    from model.loading import load_flux_transformer
+    from training.checkpointing import export_transformer
+    from training.lora import export_lora_student
+
+    pipe_dir, _ = tiny_assets
+    root = tmp_path_factory.mktemp("lora_exports")
+    base = load_flux_transformer(str(pipe_dir), 1.0)
+    with torch.no_grad():  # a base that differs from the pipeline's own transformer
+        base.x_embedder.weight.mul_(1.1)
+    export_transformer(root / "rescaled.pt", base.state_dict(), dict(base.config), 0)
+    out = {"pipe": str(pipe_dir), "base": root / "rescaled.pt"}
+    for name in ("scm", "meanflow"):
+        transformer = load_flux_transformer(str(pipe_dir), 1.0)
+        transformer.load_state_dict(base.state_dict())
+        student, _ = build_tied_models(_args(), _methods()[name], transformer, SPEC, torch.float32)
+        _perturb_lora(transformer, seed=len(name))
+        args = _args(pretrained_model_name_or_path=str(pipe_dir), rescaled_checkpoint_path=str(root / "rescaled.pt"),
+                     lora_rank=SPEC.rank, lora_alpha=SPEC.alpha, lora_target_modules="all", lora_dropout=0.0)
+        out[name] = export_lora_student(root / name, _methods()[name], student, args, step=11)
+        out[name + "_fused"] = root / f"{name}_fused.pt"
+        export_transformer(out[name + "_fused"], fused_state_dict(transformer), dict(transformer.config), 11)
+    return out
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_lora_export_samples_like_the_fused_student_and_exports_to_diffusers(lora_exports, tmp_path, method):
+    """The LoRA folder loads into our pipeline (applied to its recorded base) and samples like the fused
+    weights; export_diffusers.py writes an adapter folder (identical images) and a --fuse_lora folder."""
+    import numpy as np
+
+    from export_diffusers import main as export_main
+    from model.pipeline import MeanFlowFluxPipeline, SCMFluxPipeline
+
+    cls = {"scm": SCMFluxPipeline, "meanflow": MeanFlowFluxPipeline}[method]
+    kw = dict(height=64, width=64, output_type="np", max_sequence_length=32)
+    prompts = ["a red circle", "two blue squares"]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]
+    lora = cls.from_checkpoint(lora_exports["pipe"], lora_exports[method])
+    assert lora.checkpoint_step == 11
+    fused = cls.from_checkpoint(lora_exports["pipe"], lora_exports[method + "_fused"])
+    images = lora(prompts, generator=gens(), **kw).images
+    np.testing.assert_allclose(images, fused(prompts, generator=gens(), **kw).images, atol=2e-5)
+
+    adapter_dir, fused_dir = tmp_path / "adapter", tmp_path / "fused"
+    common = ["--method", method, "--checkpoint", str(lora_exports[method]), "--pretrained_model_name_or_path",
+              lora_exports["pipe"]]
+    export_main(common + ["--output_dir", str(adapter_dir)])
+    export_main(common + ["--output_dir", str(fused_dir), "--fuse_lora"])
+    assert (adapter_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert not (fused_dir / "pytorch_lora_weights.safetensors").exists()
+    np.testing.assert_array_equal(cls.from_pretrained(str(adapter_dir))(prompts, generator=gens(), **kw).images, images)
+    np.testing.assert_allclose(cls.from_pretrained(str(fused_dir))(prompts, generator=gens(), **kw).images, images,
+                               atol=2e-5)
+
+
+def test_sampling_cli_reads_a_lora_folder_and_names_a_missing_base(lora_exports, tmp_path):
+    from model.sampling_cli import main as sample_main
+
+    common = ["--pretrained_model_name_or_path", lora_exports["pipe"], "--resume_path", str(lora_exports["meanflow"]),
+              "--prompt", "a red circle", "--n_samples", "1", "--resolution", "64", "--max_sequence_length", "32",
+              "--no_progress"]
+    report = sample_main("meanflow", common + ["--output_dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "00000" / "samples" / "0000.png").is_file() and report is not None
+    with pytest.raises(LoraError, match="--lora_base"):
+        sample_main("meanflow", common + ["--output_dir", str(tmp_path / "o2"), "--lora_base", str(tmp_path / "gone.pt")])
+    from model.loading import CheckpointError
+
+    with pytest.raises(CheckpointError, match="MeanFlow student"):
+        sample_main("scm", common + ["--output_dir", str(tmp_path / "o3")])  # a MeanFlow adapter, sCM sampler
