@@ -56,10 +56,12 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--jvp_velocity", choices=JVP_VELOCITIES, default="data",
                    help="JVP tangent on rows outside the CFG window: 'data' = eps - x (the original; its target "
                         "still uses the teacher velocity) or 'teacher' = the teacher velocity (consistent).")
-    g.add_argument("--cfg_velocity_interval", choices=CFG_VELOCITY_INTERVALS, default="zero",
-                   help="Interval at which u_cond/u_uncond are evaluated for CFG MeanFlow: 'zero' (h = 0, "
-                        "instantaneous velocity, as the MeanFlow paper/recipe; gives effective scale "
-                        "omega/(1-kappa)) or 'interval' (h = t - r, as the original release).")
+    g.add_argument("--cfg_velocity_interval", choices=CFG_VELOCITY_INTERVALS, default="interval",
+                   help="Interval h at which CFG MeanFlow evaluates the student's u_cond/u_uncond in the guided "
+                        "target: 'interval' (h = t - r, the row's own interval, as the original release) or 'zero' "
+                        "(h = 0: the instantaneous velocity, as the MeanFlow paper and its code; the guided target "
+                        "is then an instantaneous velocity like the teacher's, and its fixed point is CFG with "
+                        "effective scale omega/(1-kappa)). 'zero' is a different method from the release's.")
     args = p.parse_args(argv)
     args.cfg_scale = (4.0, 4.5, 5.0) if args.cfg_scale is None else tuple(v for group in args.cfg_scale for v in group)
     validate_common_args(args)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 
+from model.trigflow import LOGVAR_INPUTS
 from training.args import build_parser, float_list, validate_common_args
-from training.scm import SCMLoss, SCMLossConfig, SCMMethod
+from training.scm import SCMMethod
 
 
 def parse_args(argv: list[str] | None = None):
@@ -23,6 +24,14 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--tangent_warmup_steps", type=int, default=4000, help="Steps over which r ramps 0 → 1.")
     g.add_argument("--tangent_norm_eps", type=float, default=0.1, help="c in g/(‖g‖ + c).")
     g.add_argument("--scm_lambda", type=float, default=1.0, help="Loss multiplier λ.")
+    g.add_argument("--logvar_input", choices=LOGVAR_INPUTS, default="trig_time",
+                   help="Input of the adaptive-weight head logvar = Linear(c). 'trig_time' (the original release): "
+                        "c = time_text_embed(t, guidance, pooled) recomputed at the TrigFlow angle t with the x1 "
+                        "sinusoid; its gradient also trains the time/guidance/text embedders. 'flow_time': c = the "
+                        "conditioning FLUX computes for its own forward at the flow time s = sin t/(cos t + sin t) "
+                        "(the vector that modulates the blocks, within the [0, 1] time range the rescaled embedder "
+                        "was trained on, while t reaches pi/2; no extra embedding pass). Changes the loss weights, "
+                        "so it is a different method from the release's.")
     args = p.parse_args(argv)
     validate_common_args(args)
     if args.sigma_data <= 0 or args.logit_std <= 0:
@@ -36,10 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from training.core import train  # heavy imports only after the flags are valid
 
-    loss = SCMLoss(SCMLossConfig(sigma_data=args.sigma_data, logit_mean=args.logit_mean, logit_std=args.logit_std,
-                                 tangent_warmup_steps=args.tangent_warmup_steps, tangent_norm_eps=args.tangent_norm_eps,
-                                 scm_lambda=args.scm_lambda, cfg_scales=args.scm_cfg_scale))
-    train(args, SCMMethod(loss, args.jvp_attention))
+    train(args, SCMMethod.from_args(args))
 
 
 if __name__ == "__main__":

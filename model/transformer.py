@@ -70,8 +70,10 @@ class ExactTimeTextEmbedding(nn.Module):
     def has_guidance(self) -> bool:
         return hasattr(self, "guidance_embedder")
 
-    def sinusoid(self, value: torch.Tensor) -> torch.Tensor:
+    def sinusoid(self, value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """diffusers' ``Timesteps`` projection of ``scale·value``, computed in float32 *or wider*.
+
+        ``scale`` defaults to :attr:`timestep_scale`.
 
         emb_k = sin/cos(scale·value·exp(−ln(10000)·k/(half − shift))), k < half; cos first (flip_sin_to_cos).
         Stock ``get_timestep_embedding`` always works in float32; computing in float64 for float64 inputs
@@ -81,36 +83,41 @@ class ExactTimeTextEmbedding(nn.Module):
         dtype = torch.promote_types(value.dtype, torch.float32)
         half = proj.num_channels // 2
         exponent = -math.log(10000) * torch.arange(half, dtype=dtype, device=value.device) / (half - proj.downscale_freq_shift)
-        arg = (value.to(dtype) * self.timestep_scale)[:, None] * torch.exp(exponent)[None, :] * proj.scale
+        scale = self.timestep_scale if scale is None else float(scale)
+        arg = (value.to(dtype) * scale)[:, None] * torch.exp(exponent)[None, :] * proj.scale
         emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
         if proj.flip_sin_to_cos:
             emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
         return emb
 
-    def _embed(self, embedder: nn.Module, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _embed(self, embedder: nn.Module, value: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
         # In the embedder's own dtype: a LoRA student trains its interval embedder in float32 beside a bf16 base.
         own = embedder.linear_1.weight.dtype
-        return embedder(self.sinusoid(value).to(own)).to(dtype)
+        return embedder(self.sinusoid(value, scale).to(own)).to(dtype)
+
+    def conditioning(self, inputs: TimeInputs, pooled_projection: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+        """The conditioning vector of exact time inputs; ``scale`` overrides :attr:`timestep_scale`."""
+        dtype = pooled_projection.dtype
+        emb = self._embed(self.timestep_embedder, inputs.timestep, dtype, scale)
+        if self.has_guidance:
+            if inputs.guidance is None:
+                raise ValueError("this FLUX transformer has a guidance embedding: pass `guidance=`")
+            emb = emb + self._embed(self.guidance_embedder, inputs.guidance, dtype, scale)
+        if self.interval_embedder is not None and self.interval_enabled:
+            if inputs.interval is None:
+                raise ValueError("this transformer has an interval (t - r) embedding: pass `interval=`")
+            emb = emb + self._embed(self.interval_embedder, inputs.interval, dtype, scale)
+        return emb + self.text_embedder(pooled_projection)
 
     def forward(self, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        pooled_projection = rest[-1]
-        dtype = pooled_projection.dtype
         if self.exact_inputs is None:
             # Called directly with stock (×1000, already multiplied) arguments.
             inputs = TimeInputs(timestep / STOCK_TIMESTEP_SCALE,
                                 rest[0] / STOCK_TIMESTEP_SCALE if len(rest) == 2 else None, None)
         else:
             inputs = self.exact_inputs
-        emb = self._embed(self.timestep_embedder, inputs.timestep, dtype)
-        if self.has_guidance:
-            if inputs.guidance is None:
-                raise ValueError("this FLUX transformer has a guidance embedding: pass `guidance=`")
-            emb = emb + self._embed(self.guidance_embedder, inputs.guidance, dtype)
-        if self.interval_embedder is not None and self.interval_enabled:
-            if inputs.interval is None:
-                raise ValueError("this transformer has an interval (t - r) embedding: pass `interval=`")
-            emb = emb + self._embed(self.interval_embedder, inputs.interval, dtype)
-        return emb + self.text_embedder(pooled_projection)
+        return self.conditioning(inputs, rest[-1])
 
 
 class DistillFluxTransformer2DModel(FluxTransformer2DModel):

@@ -17,6 +17,8 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
+from model.transformer import TimeInputs
+
 
 @dataclass
 class FluxInputs:
@@ -67,27 +69,51 @@ def flow_velocity(transformer: nn.Module, z: torch.Tensor, s: torch.Tensor, inpu
     return out.float()
 
 
+# Where sCM's logvar head reads its input (``--logvar_input``); the first is the original release's.
+LOGVAR_INPUTS = ("trig_time", "flow_time")
+
+
 class TrigFlowFlux(nn.Module):
     """F_θ(x_t/σ_d, t) from a FLUX velocity model; optionally with the learned ``logvar`` head.
 
-    ``logvar_linear`` maps FLUX's conditioning vector (time + guidance + pooled text embedding,
-    computed at the flow time s) to one scalar per sample — sCM's adaptive loss weight.  The original
-    release recomputes that embedding at the TrigFlow time t; we reuse the one FLUX computes anyway.
+    ``logvar = logvar_linear(c)``, one scalar per sample (sCM's adaptive loss weight), where the
+    conditioning vector c is, by ``logvar_input``:
+
+    * ``"trig_time"`` (the original release): c = time_text_embed(t, g, pooled) recomputed at the
+      *TrigFlow* angle t with the ×1 sinusoid, c = MLP_t(sin/cos(1·t)) + MLP_g(sin/cos(1·g)) + MLP_text(pooled),
+      whatever the model's ``timestep_scale`` (the release calls ``time_text_embed`` directly, and its
+      ×1000/×1 factor lives in the transformer's forward). Gradients of the logvar term reach
+      ``time_text_embed``'s MLPs, as in the release.
+    * ``"flow_time"``: c is the vector FLUX computes for its own forward, at the *flow* time
+      s = sin t/(cos t + sin t) with the model's ``timestep_scale`` (captured by a forward hook): the
+      conditioning that actually modulates the blocks, inside the [0, 1] range the (rescaled) time
+      embedder was trained on (t reaches π/2 > 1), and no extra embedding pass.
     """
 
-    def __init__(self, transformer: nn.Module, with_logvar: bool = False):
+    def __init__(self, transformer: nn.Module, with_logvar: bool = False, logvar_input: str = "trig_time"):
         super().__init__()
+        if logvar_input not in LOGVAR_INPUTS:
+            raise ValueError(f"--logvar_input {logvar_input!r} is not one of {', '.join(LOGVAR_INPUTS)}")
         self.transformer = transformer
+        self.logvar_input = logvar_input
         self.logvar_linear = None
         if with_logvar:
             self.logvar_linear = nn.Linear(transformer.inner_dim, 1)
             nn.init.xavier_uniform_(self.logvar_linear.weight)
             nn.init.zeros_(self.logvar_linear.bias)
         self._captured_temb: torch.Tensor | None = None
-        transformer.time_text_embed.register_forward_hook(self._capture_temb)
+        if with_logvar and logvar_input == "flow_time":
+            transformer.time_text_embed.register_forward_hook(self._capture_temb)
 
     def _capture_temb(self, module, args, output):
         self._captured_temb = output
+
+    def logvar_conditioning(self, t: torch.Tensor, inputs: FluxInputs) -> torch.Tensor:
+        """c for the head at the TrigFlow angle t [B] (``trig_time``): time_text_embed(t, g, pooled), ×1 sinusoid."""
+        dtype = next(self.transformer.parameters()).dtype
+        guidance = None if inputs.guidance is None else inputs.guidance.reshape(-1).expand(t.shape[0])
+        return self.transformer.time_text_embed.conditioning(
+            TimeInputs(t, guidance, None), inputs.pooled_projections.to(dtype), scale=1.0)
 
     def forward(self, x_scaled: torch.Tensor, t: torch.Tensor, inputs: FluxInputs, return_logvar: bool = False):
         """x_scaled = x_t/σ_d (packed latents), t ∈ (0, π/2] of shape [B]. Returns F (float32)[, logvar [B]]."""
@@ -98,11 +124,12 @@ class TrigFlowFlux(nn.Module):
         z = x_scaled.float() * norm
         v = flow_velocity(self.transformer, z, s, inputs)
         F = ((1 - 2 * sb) * z + (1 - 2 * sb + 2 * sb ** 2) * v) / norm
+        temb, self._captured_temb = self._captured_temb, None
         if not return_logvar:
-            self._captured_temb = None
             return F
         if self.logvar_linear is None:
             raise ValueError("this TrigFlow model has no logvar head (with_logvar=False)")
-        temb, self._captured_temb = self._captured_temb, None
+        if self.logvar_input == "trig_time":
+            temb = self.logvar_conditioning(t, inputs)
         logvar = self.logvar_linear(temb.to(self.logvar_linear.weight.dtype)).float().reshape(-1)
         return F, logvar

@@ -19,11 +19,16 @@ MODEL_NAME="${MODEL_NAME:-Freepik/flux.1-lite-8B}"
 RESCALED_ARGS=()
 if [ "$RESCALED_PATH" != "none" ]; then RESCALED_ARGS=(--rescaled_checkpoint_path "$RESCALED_PATH"); fi
 source "$ROOT/script/_ds_args.sh"
+# Gradient clipping 1.0 = what the release's runs (and so the paper's numbers) actually used: its scripts pass
+# --max_grad_norm 1.0, but under DeepSpeed accelerate's clip_grad_norm_ is a no-op and the config's "auto" clipping
+# resolved to 1.0. We write the flag into the DeepSpeed config, so passing 0.1 here would really clip at 0.1, a
+# different optimisation. The same 1.0 is used with DS_FILE=none (plain DDP): the release only ever ran DeepSpeed,
+# so 1.0 is its effective clip whatever the backend. An explicit --max_grad_norm among the extra flags wins.
 bash "$ROOT/script/_launch.sh" train_meanflow.py \
   --pretrained_model_name_or_path "$MODEL_NAME" "${RESCALED_ARGS[@]}" \
   --resolution "$RESOLUTION" --dataloader_num_workers "${NUM_WORKERS:-4}" --output_dir "$OUT_DIR" \
   --train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps 1 "${DS_ARGS[@]}" \
-  --max_train_steps 10000000 --max_grad_norm 0.1 --gradient_checkpointing --learning_rate "$LR" \
+  --max_train_steps 10000000 --max_grad_norm 1.0 --gradient_checkpointing --learning_rate "$LR" \
   --checkpointing_steps 1000 --allow_tf32 --report_to tensorboard \
   --use_cfg_meanflow="$CFG_MEANFLOW" --cfg_omega "$CFG_OMEGA" --cfg_kappa "$CFG_KAPPA" \
   --cfg_min_t "$CFG_MIN_T" --cfg_max_t "$CFG_MAX_T" \

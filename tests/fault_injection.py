@@ -63,12 +63,9 @@ def scm_args(pipe: Path, data: Path, out: Path, **flags) -> argparse.Namespace:
 
 
 def scm_method(args: argparse.Namespace):
-    from training.scm import SCMLoss, SCMLossConfig, SCMMethod
+    from training.scm import SCMMethod
 
-    return SCMMethod(SCMLoss(SCMLossConfig(sigma_data=args.sigma_data, logit_mean=args.logit_mean,
-                                           logit_std=args.logit_std, tangent_warmup_steps=args.tangent_warmup_steps,
-                                           tangent_norm_eps=args.tangent_norm_eps, scm_lambda=args.scm_lambda,
-                                           cfg_scales=args.scm_cfg_scale)), args.jvp_attention)
+    return SCMMethod.from_args(args)
 
 
 def read_metrics(out: Path) -> dict[int, dict]:

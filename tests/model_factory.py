@@ -35,3 +35,19 @@ def tiny_inputs(batch: int = 2, side: int = 4, n_text: int = 5, seed: int = 1, d
         txt_ids=torch.zeros(n_text, 3), img_ids=ids.reshape(-1, 3),
         guidance=None if guidance is None else torch.full((batch,), guidance, dtype=dtype))
     return latents, inputs
+
+
+def stock_time_text_embed(transformer: DistillFluxTransformer2DModel) -> torch.nn.Module:
+    """diffusers' own ``CombinedTimestepGuidanceTextProjEmbeddings`` holding the *same* parameter tensors.
+
+    An independent reference for the conditioning vector: stock code, stock sinusoid (float32), and
+    gradients land on the transformer's parameters because the tensors are shared, not copied.
+    Call it as stock FLUX does: ``ref(scale·t, scale·g, pooled)``.
+    """
+    from diffusers.models.embeddings import CombinedTimestepGuidanceTextProjEmbeddings
+
+    ours = transformer.time_text_embed
+    ref = CombinedTimestepGuidanceTextProjEmbeddings(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    for name in ("timestep_embedder", "guidance_embedder", "text_embedder"):
+        setattr(ref, name, getattr(ours, name))
+    return ref

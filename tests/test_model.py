@@ -186,7 +186,7 @@ def test_time_inputs_stay_float32_under_bf16_weights():
     embed = model.time_text_embed
     seen = []
     original = embed.sinusoid
-    embed.sinusoid = lambda value: seen.append(value) or original(value)
+    embed.sinusoid = lambda value, scale=None: seen.append(value) or original(value, scale)
     x, inputs = tiny_inputs()
     t = torch.tensor([0.3011, 0.7])
     with torch.no_grad():

@@ -3,26 +3,40 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from model.attention import set_jvp_attention
 from model.trigflow import TrigFlowFlux
-from model_factory import tiny_inputs, tiny_transformer
+from model_factory import stock_time_text_embed, tiny_inputs, tiny_transformer
 from training.scm import SCMLoss, SCMLossConfig
 
 
-def _models():
+def _models(logvar_input: str = "trig_time"):
     student_tf = tiny_transformer(seed=0, timestep_scale=1.0, dtype=torch.float64)
     set_jvp_attention(student_tf)
-    student = TrigFlowFlux(student_tf, with_logvar=True).double()
+    student = TrigFlowFlux(student_tf, with_logvar=True, logvar_input=logvar_input).double()
+    with torch.no_grad():  # a trained head, not the zero-bias init: the logvar term must matter in the loss
+        student.logvar_linear.weight.mul_(3.0)
+        student.logvar_linear.bias.fill_(0.4)
     teacher = TrigFlowFlux(tiny_transformer(seed=1, timestep_scale=1.0, dtype=torch.float64))
     return student, teacher
 
 
-def test_scm_loss_equals_hand_computation():
+def _hand_logvar(student: TrigFlowFlux, t: torch.Tensor, inputs, logvar_input: str) -> torch.Tensor:
+    """logvar = Linear(time_text_embed(τ, g, pooled)) with diffusers' stock embedding (×1 model: scale 1).
+
+    τ = t, the TrigFlow angle (the release), or τ = s = sin t/(cos t + sin t), the flow time."""
+    tau = t if logvar_input == "trig_time" else torch.sin(t) / (torch.cos(t) + torch.sin(t))
+    cond = stock_time_text_embed(student.transformer)(tau, inputs.guidance, inputs.pooled_projections)
+    return (cond @ student.logvar_linear.weight.T + student.logvar_linear.bias).reshape(-1).float()
+
+
+@pytest.mark.parametrize("logvar_input", ["trig_time", "flow_time"])
+def test_scm_loss_equals_hand_computation(logvar_input):
     sd = 0.5
     cfg = SCMLossConfig(sigma_data=sd, tangent_warmup_steps=4, scm_lambda=0.7)
-    student, teacher = _models()
+    student, teacher = _models(logvar_input)
     latents, inputs = tiny_inputs(dtype=torch.float64)
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(latents.shape, generator=g, dtype=torch.float64) * sd
@@ -46,12 +60,13 @@ def test_scm_loss_equals_hand_computation():
         gvec = -(c ** 2) * (sd * F_minus - dxdt) - r * (c * s * x_t + sd * c * s * dFdt)
         gnorm = gvec.flatten(1).norm(dim=1)
         gvec = gvec / (gnorm.reshape(-1, 1, 1) + 0.1)
-        _, logvar = student(x_t / sd, t, inputs, return_logvar=True)
+        logvar = _hand_logvar(student, t, inputs, logvar_input)
         weight = 1 / (sd * torch.tan(t))
         per_elem = (weight / torch.exp(logvar)).reshape(-1, 1, 1) * gvec ** 2 + logvar.reshape(-1, 1, 1)
         expected = per_elem.mean() * 0.7  # at θ = θ⁻, F_θ − F⁻ = 0
 
     assert math.isclose(out.loss.item(), expected.item(), rel_tol=1e-5)
+    torch.testing.assert_close(out.terms["logvar"], logvar, rtol=1e-6, atol=1e-6)
     assert math.isclose(out.logs["g_norm"], gnorm.mean().item(), rel_tol=1e-5)
     got = out.terms["normalised_tangent"]
     assert ((got - gvec).norm() / gvec.norm()).item() < 1e-4  # elementwise limited by the FD noise

@@ -134,7 +134,7 @@ def test_flag_parsing_matches_the_original_forms(tiny_assets, tmp_path):
     base = [*_tiny_args(pipe, data), "--output_dir", str(tmp_path / "o")]
     args = train_meanflow.parse_args(base)
     assert (args.use_cfg_meanflow, args.cfg_scale, args.dual_time_init, args.jvp_velocity,
-            args.cfg_velocity_interval, args.cfg_prob) == (False, (4.0, 4.5, 5.0), "copy", "data", "zero", 0.1)
+            args.cfg_velocity_interval, args.cfg_prob) == (False, (4.0, 4.5, 5.0), "copy", "data", "interval", 0.1)
     args = train_meanflow.parse_args([*base, "--use_cfg_meanflow=True", "--cfg_scale", "3", "3.5"])
     assert args.use_cfg_meanflow is True and args.cfg_scale == (3.0, 3.5)
     assert train_meanflow.parse_args([*base, "--use_cfg_meanflow", "--cfg_scale", "2,6"]).cfg_scale == (2.0, 6.0)

@@ -7,6 +7,11 @@ import os
 from model.attention import JVP_IMPLEMENTATIONS
 
 
+# The original release's training data: three parquet shards of this hub dataset (its train_*.py load exactly these).
+RELEASE_DATASET = "brivangl/midjourney-v6-llava"
+RELEASE_DATA_FILES = ("data/train_000.parquet", "data/train_001.parquet", "data/train_002.parquet")
+
+
 def str2bool(value: str | bool) -> bool:
     """argparse type for the original scripts' ``--flag=True|False`` style."""
     if isinstance(value, bool):
@@ -50,7 +55,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
                    help="Hub dataset name or local folder/file (parquet, jsonl, imagefolder). "
-                        "Default: brivangl/midjourney-v6-llava, as the original release.")
+                        f"Default (no --dataset_name/--data_files/--data_dir): {RELEASE_DATASET} with --data_files "
+                        f"{' '.join(RELEASE_DATA_FILES)}, the original release's three shards.")
     g.add_argument("--data_files", nargs="+", default=None, help="Data files/globs (parquet, jsonl, csv, arrow).")
     g.add_argument("--data_dir", default=None, help="Local data directory (imagefolder or parquet shards).")
     g.add_argument("--image_column", default="image", help="Column holding the images.")
@@ -72,13 +78,16 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--learning_rate", type=float, default=1e-5, help="AdamW learning rate.")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["constant", "constant_with_warmup", "linear", "cosine"], help="LR schedule.")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the LR schedule.")
+    g.add_argument("--lr_warmup_steps", type=int, default=500,
+                   help="Warm-up steps of the LR schedule (as the original; 'constant' has no warm-up and ignores it).")
     g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=float, default=1.0,
-                   help="Gradient clipping norm; also written into the DeepSpeed config (the original's was ignored).")
+                   help="Gradient clipping norm, applied as given, also under DeepSpeed (written into its config). "
+                        "1.0 is what the original release's runs used: its scripts' 0.1 was ignored by DeepSpeed, "
+                        "whose 'auto' clipping resolved to 1.0.")
     g.add_argument("--max_train_steps", type=int, default=10_000, help="Optimizer steps to train for.")
     g.add_argument("--seed", type=int, default=0, help="Random seed (0 is a seed like any other).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
@@ -131,4 +140,4 @@ def validate_common_args(args: argparse.Namespace) -> None:
     if args.ds_file is not None and not os.path.exists(args.ds_file):
         raise FileNotFoundError(f"--ds_file {args.ds_file} does not exist (see parallel_config/)")
     if args.dataset_name is None and args.data_files is None and args.data_dir is None:
-        args.dataset_name = "brivangl/midjourney-v6-llava"
+        args.dataset_name, args.data_files = RELEASE_DATASET, list(RELEASE_DATA_FILES)

@@ -22,7 +22,7 @@ Per sample i of a batch:
     v_T = teacher(z_t, t | c, w)                     (on the dropped-or-not prompt c; replaces ε − x₀)
     CFG row  ⇔  use_cfg_meanflow ∧ cfg_min_t ≤ t ≤ cfg_max_t ∧ ¬d
         u_c = u_θ(z_t, t − h_c, t | c, w),  u_∅ = u_θ(z_t, t − h_c, t | " ", w)      (no grad)
-              h_c = 0 (``cfg_velocity_interval=zero``) or h_c = t − r (``interval``)
+              h_c = t − r (``cfg_velocity_interval=interval``, the release) or h_c = 0 (``zero``)
         ṽ = ω·v_T + κ·u_c + (1 − ω − κ)·u_∅                                  (improved CFG, ω, κ)
         tangent = ṽ,  velocity in the target = ṽ
     other rows (outside the window, dropped rows, or CFG off)
@@ -36,12 +36,13 @@ Per sample i of a batch:
 With r = t the correction vanishes and the loss is (weighted) flow matching onto the teacher.
 
 Choices and deviations from the original release (all documented at the flags):
-* ``cfg_velocity_interval`` defaults to ``zero``: ṽ is the JVP tangent dz/dt and the velocity of the
-  MeanFlow identity, an *instantaneous* velocity field, and ω·v_T already is one; u_θ(z, t, t) is the
-  student's instantaneous velocity, u_θ(z, r, t) an average over [r, t] — a different quantity.  With
-  h_c = 0 the guided target's fixed point is the classic CFG field with scale ω' = ω/(1 − κ) (solve
-  ṽ = ω·v + κ·ṽ + (1 − ω − κ)·v_∅ for ṽ), as in the MeanFlow paper (App. B) and its official code.
-  ``interval`` reproduces the release, which evaluates u_c, u_∅ at h = t − r.
+* ``cfg_velocity_interval`` defaults to ``interval``, the release: u_c, u_∅ are evaluated at the row's
+  own interval h = t − r.  ``zero`` (h_c = 0) is the MeanFlow paper's form (App. B and its official
+  code): ṽ is the JVP tangent dz/dt and the velocity of the MeanFlow identity, an *instantaneous*
+  velocity field, and ω·v_T already is one; u_θ(z, t, t) is the student's instantaneous velocity,
+  u_θ(z, r, t) an average over [r, t] — a different quantity.  With h_c = 0 the guided target's fixed
+  point is the classic CFG field with scale ω' = ω/(1 − κ) (solve ṽ = ω·v + κ·ṽ + (1 − ω − κ)·v_∅ for ṽ);
+  with h_c = t − r that holds only where r = t.
 * ``jvp_velocity`` defaults to ``data`` (the release): outside the CFG window the JVP tangent is the
   noisy data velocity ε − x₀ while the target uses v_T (u_tgt = v_T − h·du/dt) — the tangent and the
   identity's velocity disagree.  ``teacher`` uses v_T for both, consistent with the CFG rows (which
@@ -84,7 +85,7 @@ PATH_TYPES = ("linear", "cosine")
 TIME_SAMPLERS = ("uniform", "logit_normal")
 WEIGHTINGS = ("adaptive", "uniform")
 JVP_VELOCITIES = ("data", "teacher")
-CFG_VELOCITY_INTERVALS = ("zero", "interval")
+CFG_VELOCITY_INTERVALS = ("interval", "zero")
 DUAL_TIME_INITS = ("copy", "zero")
 ADAPTIVE_C = 1e-3  # c in L / (L + c)^p, as MeanFlow and the release
 
@@ -108,7 +109,7 @@ class MeanFlowLossConfig:
     cfg_min_t: float = 0.0
     cfg_max_t: float = 1.0
     jvp_velocity: str = "data"
-    cfg_velocity_interval: str = "zero"
+    cfg_velocity_interval: str = "interval"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MeanFlowLossConfig":
@@ -155,8 +156,9 @@ class MeanFlowLossConfig:
                 # Legal: 1 − ω − κ < 0 is ordinary CFG extrapolation (the README's ω=1, κ=0.5 gives ω'=2).
                 warnings.append(f"cfg_omega + cfg_kappa = {self.cfg_omega + self.cfg_kappa:g} > 1: the target "
                                 f"extrapolates away from the unconditional velocity with effective scale "
-                                f"omega/(1-kappa) = {self.effective_guidance:g}, on top of the teacher's guidance "
-                                "embedding (--cfg_scale)")
+                                f"omega/(1-kappa) = {self.effective_guidance:g} (at the fixed point; exact where "
+                                "h = 0, i.e. --cfg_velocity_interval zero or r = t), on top of the teacher's "
+                                "guidance embedding (--cfg_scale)")
             if self.cfg_prob == 0.0:
                 warnings.append("--cfg_prob 0 with CFG MeanFlow: the unconditional branch u(.|\" \") is never trained")
         return warnings

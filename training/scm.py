@@ -12,6 +12,8 @@ Per sample:
     g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + σ_d·cos t·sin t·dF⁻/dt)
     g ← g / (‖g‖ + c),  c = 0.1                                                  (tangent normalisation)
     loss = λ · mean[ e^{−logvar}/(σ_d·tan t) · ‖F_θ − F⁻ − g‖²/D + logvar ]     (adaptive weighting)
+    logvar = Linear(time_text_embed(t, w, pooled)), ×1 sinusoid at the TrigFlow angle t (the release;
+             ``logvar_input="flow_time"`` reads FLUX's own conditioning at s instead, see model/trigflow.py)
 
 θ⁻ = stopgrad(θ): F⁻ is the detached output of the same student (no EMA, as the release).
 The JVP runs under ``no_grad`` on the unwrapped student (``torch.func.jvp`` cannot go through DDP);
@@ -20,12 +22,13 @@ so gradient checkpointing and fused attention stay usable there.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
 
 from model.attention import set_jvp_attention
-from model.trigflow import FluxInputs, TrigFlowFlux
+from model.trigflow import LOGVAR_INPUTS, FluxInputs, TrigFlowFlux
 from training.common import LossOutput, per_sample_sq_norm, sample_guidance
 
 
@@ -101,13 +104,24 @@ class SCMMethod:
 
     name = "sCM"
 
-    def __init__(self, loss: SCMLoss, jvp_attention: str = "chunked"):
+    def __init__(self, loss: SCMLoss, jvp_attention: str = "chunked", logvar_input: str = "trig_time"):
+        if logvar_input not in LOGVAR_INPUTS:
+            raise ValueError(f"--logvar_input {logvar_input!r} is not one of {', '.join(LOGVAR_INPUTS)}")
         self.loss_fn = loss
         self.jvp_attention = jvp_attention
+        self.logvar_input = logvar_input
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SCMMethod":
+        """Build from the parsed flags of ``train_sCM.py``."""
+        config = SCMLossConfig(sigma_data=args.sigma_data, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                               tangent_warmup_steps=args.tangent_warmup_steps, tangent_norm_eps=args.tangent_norm_eps,
+                               scm_lambda=args.scm_lambda, cfg_scales=args.scm_cfg_scale)
+        return cls(SCMLoss(config), args.jvp_attention, args.logvar_input)
 
     def build_models(self, args, teacher, student):
         set_jvp_attention(student, self.jvp_attention)  # only the student goes through a JVP
-        return TrigFlowFlux(student, with_logvar=True), TrigFlowFlux(teacher)
+        return TrigFlowFlux(student, with_logvar=True, logvar_input=self.logvar_input), TrigFlowFlux(teacher)
 
     def loss(self, student, student_unwrapped, teacher, latents, inputs, step) -> LossOutput:
         return self.loss_fn(student, student_unwrapped, teacher, latents, inputs, step)
