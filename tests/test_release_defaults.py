@@ -224,7 +224,7 @@ SCRIPTS = [("train_sCM.sh", ["1e-6", "512", "8", "OUT", "RESCALED"]),
 
 @pytest.mark.parametrize("script, positional", SCRIPTS)
 def test_scripts_clip_at_the_release_effective_1_under_deepspeed_and_ddp(script, positional, tmp_path):
-    from training.core import _deepspeed_plugin
+    from training.launch import _deepspeed_plugin
 
     rescaled = tmp_path / "rescaled.pt"
     rescaled.touch()
