@@ -37,7 +37,16 @@ JVP_IMPLEMENTATIONS = ("chunked", "math")
 
 
 def has_forward_tangent(tensor: torch.Tensor) -> bool:
-    """True inside ``torch.func.jvp`` (functorch-wrapped tensor) or for an ``autograd.forward_ad`` dual."""
+    """True inside ``torch.func.jvp`` (functorch-wrapped tensor) or for an ``autograd.forward_ad`` dual.
+
+    While torch.compile traces, the answer is False without looking: dynamo cannot trace the functorch
+    query (it would break the graph at every attention layer), and a compiled module that is called
+    inside ``torch.func.jvp`` or with forward-AD duals is not traced at all — dynamo runs it eagerly,
+    where this check is real.  So a compiled student's ordinary forwards are one graph with the fused
+    kernel, and its JVPs run eagerly through the tangent-aware path (tests/test_compat_compile.py).
+    """
+    if torch.compiler.is_compiling():
+        return False
     if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
         return True
     return forward_ad.unpack_dual(tensor).tangent is not None
