@@ -45,6 +45,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                          "ckpts/lora_<step>/ (applied to the base it was trained on), or a pipeline folder written by "
                          "export_diffusers.py (then its own components are used)." if method != "teacher" else
                          "Optional teacher weights replacing the pipeline's transformer (e.g. a rescaled x1 teacher .pt)."))
+    if method != "teacher":
+        m.add_argument("--use_ema", action="store_true",
+                       help="Sample the EMA weights: the ckpts/transformer_<step>_ema.pt that training with --use_ema "
+                            "wrote beside the --resume_path export.")
     m.add_argument("--timestep_scale", type=float, default=None,
                    help="Factor on time/guidance inputs of the transformer (1000 = stock FLUX, 1 = rescaled). Default: "
                         "the checkpoint's own config; 1 for original-release .pt files without one"
@@ -203,6 +207,20 @@ def warn_guidance_range(args: argparse.Namespace) -> str | None:
     return message
 
 
+def ema_export_of(resume_path: str) -> Path:
+    """``--use_ema``: the ``transformer_<step>_ema.pt`` beside a ``transformer_<step>.pt`` export."""
+    from training.checkpointing import ema_sibling
+
+    ema = ema_sibling(resume_path)
+    if ema is None:
+        raise ValueError(f"--use_ema needs --resume_path to be a training export ckpts/transformer_<step>.pt, got "
+                         f"{resume_path}; or pass an EMA file itself as --resume_path without --use_ema")
+    if not ema.is_file():
+        raise FileNotFoundError(f"--use_ema: there is no {ema.name} beside {resume_path}; only runs trained with "
+                                "--use_ema write one")
+    return ema
+
+
 def _is_pipeline_folder(path: str | None) -> bool:
     return path is not None and (Path(path) / "model_index.json").is_file()
 
@@ -309,6 +327,8 @@ def main(method: str, argv: list[str] | None = None):
     rows = load_rows(args)
     if args.resume_path is not None and not Path(args.resume_path).exists():
         raise FileNotFoundError(f"--resume_path not found: {args.resume_path}")
+    if getattr(args, "use_ema", False):
+        args.resume_path = str(ema_export_of(args.resume_path))
     if rank == 0:
         warn_guidance_range(args)
     from training.core import check_output_dir_writable

@@ -12,6 +12,7 @@ source "$ROOT/script/_geneval_launch.sh"
 geneval_positionals 2 "$DEFAULT_NFE" "$DEFAULT_CFG" "$@"
 shift "$POSITIONALS"
 MODEL_NAME="${MODEL_NAME:-Freepik/flux.1-lite-8B}"; RESOLUTION="${RESOLUTION:-512}"
-OUTPUT_DIR="${OUTPUT_DIR:-$CKPT_PATH/GenEval/GenEval_RESOLUTION${RESOLUTION}_NFE${NFE}_cfg${CFG}/images/global_steps${CKPT_ITER}}"
+EMA=""; case " $* " in *" --use_ema "*) EMA="_ema" ;; esac  # EMA samples get their own folder
+OUTPUT_DIR="${OUTPUT_DIR:-$CKPT_PATH/GenEval/GenEval_RESOLUTION${RESOLUTION}_NFE${NFE}_cfg${CFG}/images/global_steps${CKPT_ITER}${EMA}}"
 geneval_launch "$METHOD step $CKPT_ITER" "$ENTRY" "$NFE" "$CFG" "$OUTPUT_DIR" \
   --resume_path "$CKPT_PATH/ckpts/transformer_${CKPT_ITER}.pt" "$@"

@@ -101,6 +101,20 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="DeepSpeed JSON config (e.g. parallel_config/deepspeed_bf16_batch8.json); its micro-batch, "
                         "accumulation and clipping are set from the flags above. Omit for plain accelerate (DDP).")
 
+    g = p.add_argument_group("EMA of the student")
+    g.add_argument("--use_ema", action="store_true",
+                   help="Keep an exponential moving average of the student's trainable weights (float32, main process "
+                        "only), checkpointed with the run and exported as ckpts/transformer_<step>_ema.pt beside the raw "
+                        "weights; sample it with test_sCM.py/test_meanflow.py --use_ema.")
+    g.add_argument("--ema_decay", type=float, default=0.9999,
+                   help="beta of the EMA: avg <- beta*avg + (1 - beta)*weights after every applied update.")
+    g.add_argument("--ema_power", type=float, default=None,
+                   help="Power-function EMA (Karras et al. 2024) instead of --ema_decay: beta_n = (1 - 1/n)^(power + 1) "
+                        "at update n, i.e. update k weighs ~ k^power; larger = shorter average. E.g. 6.94.")
+    g.add_argument("--ema_device", choices=["accelerator", "cpu"], default="accelerator",
+                   help="Where the float32 average lives: on the training device, or in host memory (slower, frees "
+                        "4 bytes per trainable parameter of accelerator memory: 32 GB for an 8B student).")
+
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", required=True, help="Run folder: ckpts/, checkpoints/, logs/ go here.")
     g.add_argument("--checkpointing_steps", type=int, default=1000,
@@ -128,6 +142,12 @@ def validate_common_args(args: argparse.Namespace) -> None:
         limit = getattr(args, name, None)
         if limit is not None and limit < 1:
             raise ValueError(f"--{name} {limit} must be >= 1; omit it to keep every one")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay {args.ema_decay:g} must be in [0, 1) (e.g. 0.9999)")
+    if args.ema_power is not None and args.ema_power < 0:
+        raise ValueError(f"--ema_power {args.ema_power:g} must be >= 0 (0 = plain running mean of all updates)")
+    if args.ema_power is not None and not args.use_ema:
+        raise ValueError("--ema_power only applies with --use_ema; add --use_ema or drop --ema_power")
     if not 0.0 <= args.max_bad_sample_fraction <= 1.0:
         raise ValueError("--max_bad_sample_fraction must be in [0, 1]")
     if args.rescaled_checkpoint_path is not None and not os.path.exists(args.rescaled_checkpoint_path):

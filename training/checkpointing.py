@@ -194,17 +194,30 @@ def export_path(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / "ckpts" / f"transformer_{step}.pt"
 
 
+def ema_export_path(output_dir: str | os.PathLike, step: int) -> Path:
+    """The EMA weights of step ``step`` (``--use_ema``), beside :func:`export_path`."""
+    return Path(output_dir) / "ckpts" / f"transformer_{step}_ema.pt"
+
+
+def ema_sibling(export: str | os.PathLike) -> Path | None:
+    """``.../transformer_<step>.pt`` → ``.../transformer_<step>_ema.pt`` (None for any other name)."""
+    export = Path(export)
+    match = re.fullmatch(r"transformer_(\d+)\.pt", export.name)
+    return export.with_name(f"transformer_{match.group(1)}_ema.pt") if match else None
+
+
 def prune_exports(output_dir: str | os.PathLike, keep: int | None) -> None:
-    """Remove all but the newest ``keep`` ``ckpts/transformer_<step>.pt`` files (None/0: keep all)."""
+    """Remove all but the newest ``keep`` ``ckpts/transformer_<step>.pt`` files and their ``_ema.pt`` (None/0: keep all)."""
     if not keep or keep < 1:
         return
     found = sorted((int(m.group(1)), p) for p in (Path(output_dir) / "ckpts").glob("transformer_*.pt")
                    if (m := re.fullmatch(r"transformer_(\d+)\.pt", p.name)))
-    for _, old in found[:-keep]:
-        try:
-            old.unlink()
-        except OSError as exc:  # pruning is best effort, as for full checkpoints
-            logger.warning("could not remove the old export %s: %s", old, exc)
+    for step, old in found[:-keep]:
+        for path in (old, ema_export_path(output_dir, step)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # pruning is best effort, as for full checkpoints
+                logger.warning("could not remove the old export %s: %s", path, exc)
 
 
 def export_transformer(path: str | os.PathLike, state_dict: dict, config: dict, step: int) -> None:

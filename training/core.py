@@ -65,6 +65,7 @@ from torch import nn
 from model.trigflow import FluxInputs
 from training import checkpointing as ckpt
 from training.common import LossOutput, TrainingError
+from training.ema import EMA
 from training.hooks import Hook, MetricsLogger, ProgressBar, RunLog, Update
 from training.launch import (build_accelerator, build_conditioner, build_models, build_optimizer,
                              check_output_dir_writable, resume_point, run_config)
@@ -167,7 +168,10 @@ class _Window:
 
 def build_hooks(args: argparse.Namespace) -> list[Hook]:
     """The run's hooks, in call order (new features append theirs here)."""
-    return [ProgressBar(), MetricsLogger(args.logging_steps)]
+    hooks: list[Hook] = []
+    if args.use_ema:  # first: later hooks (metrics, validation) see this update's average
+        hooks.append(EMA(args.ema_decay, args.ema_power, "cpu" if args.ema_device == "cpu" else None))
+    return hooks + [ProgressBar(), MetricsLogger(args.logging_steps)]
 
 
 def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
