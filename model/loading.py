@@ -43,11 +43,16 @@ class LoadedCheckpoint:
 
 
 def _split_auxiliary(state: dict) -> tuple[dict, dict]:
+    """(transformer weights with the release's names mapped to ours, training-time heads such as logvar_linear)."""
     main, aux = {}, {}
     for key, value in state.items():
         for old, new in LEGACY_RENAMES.items():
             if key.startswith(old):
-                key = new + key[len(old):]
+                renamed = new + key[len(old):]
+                if renamed in state:
+                    raise CheckpointError(f"the checkpoint has both {key} (the original release's name) and {renamed}: "
+                                          "one interval embedder too many. Keep one of them.")
+                key = renamed
         (aux if key.startswith(AUXILIARY_PREFIXES) else main)[key] = value
     return main, aux
 

@@ -168,7 +168,16 @@ def load_student_transformer(checkpoint_path: str | os.PathLike, pretrained_mode
     # strict load (FLUX has no buffers outside the state dict, so nothing stays uninitialised).
     # (nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules FLUX does not have.)
     transformer = torch.nn.Module.to(transformer, dtype=dtype).to_empty(device="cpu")
-    load_state_dict_strict(transformer, ckpt.state_dict, source=ckpt.path)
+    try:
+        load_state_dict_strict(transformer, ckpt.state_dict, source=ckpt.path)
+    except CheckpointError as exc:
+        if ckpt.config is not None:
+            raise
+        # The architecture came from the teacher pipeline, so a teacher of another size is the likely cause.
+        raise CheckpointError(f"{exc} {ckpt.path} carries no config (the original release's {{'module': ...}} "
+                              f"format), so its architecture was read from {pretrained_model_name_or_path}: pass the "
+                              "FLUX pipeline it was distilled from as --pretrained_model_name_or_path (Freepik/"
+                              "flux.1-lite-8B for the released students).") from exc
     transformer.eval().requires_grad_(False)
     return transformer, ckpt
 
