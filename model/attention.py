@@ -8,7 +8,7 @@ flash kernel) defines a forward-mode derivative, so ``torch.func.jvp`` through s
 tangent-aware: ordinary forwards (teacher, the student's grad pass, sampling) keep the fast fused
 path; only when a forward-AD tangent is present does it switch to a JVP-capable implementation:
 
-* ``"chunked"`` (default): :class:`_AttentionWithJVP`, an autograd.Function whose primal is the fused
+* ``"chunked"``: :class:`_AttentionWithJVP`, an autograd.Function whose primal is the fused
   SDPA and whose tangent is computed in query chunks (O(chunk·N) memory instead of O(N²)):
 
       O = P V,  P = softmax(S),  S = Q Kᵀ / √d
@@ -18,7 +18,8 @@ path; only when a forward-AD tangent is present does it switch to a JVP-capable 
 * ``"math"``: PyTorch's composite MATH SDPA backend (materialises the full score tensor and its
   tangent; the reference implementation).
 
-A GPU flash-JVP kernel would slot in as a third implementation behind the same switch.
+* ``"flash"``: the optional Triton flash-JVP kernel on CUDA (:mod:`model.flash_jvp`); ``"auto"`` (default)
+  picks it when it is installed and usable, ``"chunked"`` otherwise.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-JVP_IMPLEMENTATIONS = ("chunked", "math")
+from model.flash_jvp import flash_jvp_attention, resolve_jvp_attention
+
+JVP_IMPLEMENTATIONS = ("auto", "chunked", "math", "flash")
 
 
 def has_forward_tangent(tensor: torch.Tensor) -> bool:
@@ -56,6 +59,35 @@ def _sdpa_bhnd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def chunked_attention_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              dq: torch.Tensor | None, dk: torch.Tensor | None, dv: torch.Tensor | None,
+                              chunk_size: int = 1024) -> torch.Tensor:
+    """dO of O = softmax(QKᵀ/√d)V on [B, H, N, D], in query chunks (O(chunk·N) extra memory).
+
+    With Q̂ = Q/√d folded in once (no pass over the N² scores for the scale):
+        P = softmax(Q̂ Kᵀ),   dS = [Q̂, dQ̂] [dK, K]ᵀ     (one product with inner dimension 2D)
+        dO = (P ⊙ dS) V − rowsum(P ⊙ dS) ⊙ O + P dV
+    The N²-sized work per chunk is two products, the softmax, one in-place multiply and one row sum.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    compute = torch.promote_types(q.dtype, torch.float32)
+    k_, v_ = k.to(compute), v.to(compute)
+    dv_ = torch.zeros_like(v_) if dv is None else dv.to(compute)
+    dk_ = torch.zeros_like(k_) if dk is None else dk.to(compute)
+    keys = dk_ if dq is None else torch.cat([dk_, k_], dim=-1)
+    keys_t, k_t = keys.transpose(-1, -2), k_.transpose(-1, -2)
+    d_out = torch.empty(out.shape, dtype=compute, device=out.device)
+    for start in range(0, q.shape[-2], chunk_size):
+        sl = slice(start, start + chunk_size)
+        q_c = q[..., sl, :].to(compute) * scale
+        probs = torch.softmax(q_c @ k_t, dim=-1)
+        lhs = q_c if dq is None else torch.cat([q_c, dq[..., sl, :].to(compute) * scale], dim=-1)
+        p_ds = (lhs @ keys_t).mul_(probs)  # P ⊙ dS
+        d_c = p_ds @ v_ + probs @ dv_
+        d_out[..., sl, :] = d_c.sub_(p_ds.sum(-1, keepdim=True) * out[..., sl, :].to(compute))
+    return d_out.to(out.dtype)
+
+
 class _AttentionWithJVP(torch.autograd.Function):
     """softmax(QKᵀ/√d)V on [B, H, N, D] tensors with a chunked forward-mode derivative."""
 
@@ -74,23 +106,7 @@ class _AttentionWithJVP(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv):
         q, k, v, out = ctx.saved_tensors
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        compute = torch.promote_types(q.dtype, torch.float32)
-        k_, v_ = k.to(compute), v.to(compute)
-        dk_ = torch.zeros_like(k_) if dk is None else dk.to(compute)
-        dv_ = torch.zeros_like(v_) if dv is None else dv.to(compute)
-        tangents = []
-        for start in range(0, q.shape[-2], _AttentionWithJVP.chunk_size):
-            sl = slice(start, start + _AttentionWithJVP.chunk_size)
-            q_c = q[..., sl, :].to(compute)
-            probs = torch.softmax(q_c @ k_.transpose(-1, -2) * scale, dim=-1)
-            d_scores = q_c @ dk_.transpose(-1, -2)
-            if dq is not None:
-                d_scores = d_scores + dq[..., sl, :].to(compute) @ k_.transpose(-1, -2)
-            p_ds = probs * (d_scores * scale)
-            d_out = p_ds @ v_ - p_ds.sum(-1, keepdim=True) * out[..., sl, :].to(compute) + probs @ dv_
-            tangents.append(d_out)
-        return torch.cat(tangents, dim=-2).to(out.dtype)
+        return chunked_attention_tangent(q, k, v, out, dq, dk, dv, _AttentionWithJVP.chunk_size)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -101,10 +117,17 @@ class _AttentionWithJVP(torch.autograd.Function):
         return torch.autograd.grad(out, (q_, k_, v_), grad_out)
 
 
-def jvp_safe_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: str = "chunked") -> torch.Tensor:
-    """Attention on diffusers' [B, N, H, D] layout that supports forward-mode AD."""
+def jvp_safe_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Attention on diffusers' [B, N, H, D] layout that supports forward-mode AD.
+
+    ``auto``: the flash-JVP kernel on CUDA when installed (:mod:`model.flash_jvp`), else ``chunked``.
+    """
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    if impl == "chunked":
+    if impl in ("auto", "flash"):
+        impl = resolve_jvp_attention(impl, q, k, v)
+    if impl == "flash":
+        out = flash_jvp_attention(q, k, v)
+    elif impl == "chunked":
         out = _AttentionWithJVP.apply(q, k, v)
     elif impl == "math":
         with sdpa_kernel(SDPBackend.MATH):
@@ -117,7 +140,7 @@ def jvp_safe_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 class JVPFluxAttnProcessor(FluxAttnProcessor):
     """FLUX joint/single-stream attention that stays differentiable in forward mode (see module doc)."""
 
-    def __init__(self, jvp_impl: str = "chunked"):
+    def __init__(self, jvp_impl: str = "auto"):
         super().__init__()
         if jvp_impl not in JVP_IMPLEMENTATIONS:
             raise ValueError(f"unknown JVP attention implementation {jvp_impl!r}; choose from {JVP_IMPLEMENTATIONS}")
@@ -152,7 +175,7 @@ class JVPFluxAttnProcessor(FluxAttnProcessor):
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
 
-def set_jvp_attention(transformer: nn.Module, jvp_impl: str = "chunked") -> None:
+def set_jvp_attention(transformer: nn.Module, jvp_impl: str = "auto") -> None:
     """Install :class:`JVPFluxAttnProcessor` on every FLUX attention layer of ``transformer``."""
     count = 0
     for module in transformer.modules():

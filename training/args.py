@@ -46,8 +46,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--timestep_scale", type=float, default=1.0,
                    help="Factor applied to timestep and guidance before FLUX's sinusoidal embedding: 1 = rescaled "
                         "(the paper's choice), 1000 = stock FLUX.")
-    g.add_argument("--jvp_attention", choices=JVP_IMPLEMENTATIONS, default="chunked",
-                   help="Forward-mode-AD attention used by the student during the JVP: 'chunked' (fused primal, "
+    g.add_argument("--jvp_attention", choices=JVP_IMPLEMENTATIONS, default="auto",
+                   help="Forward-mode-AD attention used by the student during the JVP: 'auto' ('flash' on CUDA when "
+                        "the optional jvp-flash-attention kernel is installed, else 'chunked'), 'flash' (that kernel, "
+                        "error if unusable), 'chunked' (fused primal, "
                         "tangent in query chunks, O(chunk*N) memory) or 'math' (PyTorch's MATH SDPA, O(N^2)).")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute transformer blocks in the backward pass of the student (the JVP pass is no-grad).")

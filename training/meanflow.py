@@ -383,7 +383,7 @@ class MeanFlowMethod:
     name = "MeanFlow"
 
     def __init__(self, loss: MeanFlowLoss, uncond: UncondEmbedding | None, dual_time_init: str = "copy",
-                 jvp_attention: str = "chunked"):
+                 jvp_attention: str = "auto"):
         if dual_time_init not in DUAL_TIME_INITS:
             raise ValueError(f"--dual_time_init {dual_time_init!r} is not one of {', '.join(DUAL_TIME_INITS)}")
         self.loss_fn = loss

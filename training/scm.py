@@ -104,7 +104,7 @@ class SCMMethod:
 
     name = "sCM"
 
-    def __init__(self, loss: SCMLoss, jvp_attention: str = "chunked", logvar_input: str = "trig_time"):
+    def __init__(self, loss: SCMLoss, jvp_attention: str = "auto", logvar_input: str = "trig_time"):
         if logvar_input not in LOGVAR_INPUTS:
             raise ValueError(f"--logvar_input {logvar_input!r} is not one of {', '.join(LOGVAR_INPUTS)}")
         self.loss_fn = loss
