@@ -239,3 +239,12 @@ def test_release_file_with_a_teacher_of_another_size_is_one_line(released, bigge
         export_main(["--method", method, "--checkpoint", released[file], "--pretrained_model_name_or_path",
                      bigger_teacher, "--output_dir", str(tmp_path / "export")])
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("file, expected", [("scm", "test_sCM.py"), ("mf", "test_meanflow.py")])
+def test_release_student_as_rescaled_teacher_is_refused(released, file, expected):
+    """A released student passed to a trainer as --rescaled_checkpoint_path: refused, naming the right tool."""
+    from model.loading import load_transformer_weights
+
+    with pytest.raises(CheckpointError, match=expected):
+        load_transformer_weights(load_flux_transformer(released["pipe"], 1.0), released[file])
