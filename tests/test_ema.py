@@ -120,10 +120,12 @@ def test_ema_in_training_matches_closed_form_survives_resume_and_leaves_losses_a
 @pytest.mark.distributed
 def test_ema_under_deepspeed_zero2_resumes_exactly(tiny_assets, tmp_path):
     """DeepSpeed ZeRO-2 bf16 (1 CPU process): the EMA reads the engine's full parameters, exports in their dtype,
-    and a resume from the step-2 checkpoint reproduces the step-4 EMA bit for bit."""
+    and a resume from the step-2 checkpoint reproduces the step-4 EMA bit for bit; validation images sample
+    the bf16 student there."""
     pipe, data = tiny_assets
     flags = dict(ds_file=REPO_ROOT / "parallel_config" / "deepspeed_bf16_batch1.json", max_train_steps=4,
-                 checkpointing_steps=2, use_ema=True, ema_power=1.0)
+                 checkpointing_steps=2, use_ema=True, ema_power=1.0,
+                 validation_prompt="a red square", validation_steps=4, num_validation_images=1)  # bf16 sampling too
     env = dict(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"))
 
     def run(argv):
@@ -144,6 +146,7 @@ def test_ema_under_deepspeed_zero2_resumes_exactly(tiny_assets, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(a[k].dtype == raw[k].dtype for k in a)
     assert any(not torch.equal(a[k], raw[k]) for k in a)  # power 1 averages over the run: not the last weights
+    assert (straight / "validation" / "step_0000004.png").is_file() and (resumed / "validation" / "step_0000004.png").is_file()
 
 
 def test_sampling_cli_use_ema_loads_the_ema_export(tiny_assets, tmp_path, monkeypatch):

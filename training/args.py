@@ -103,6 +103,24 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="DeepSpeed JSON config (e.g. parallel_config/deepspeed_bf16_batch8.json); its micro-batch, "
                         "accumulation and clipping are set from the flags above. Omit for plain accelerate (DDP).")
 
+    g = p.add_argument_group("validation images")
+    g.add_argument("--validation_prompt", action="append", default=None, metavar="TEXT",
+                   help="A prompt to sample during training (repeatable). Grids go to OUT/validation/step_<step>.png and "
+                        "the trackers: sCM at 1 and 2 steps, MeanFlow at 2 and 4, rescale teacher vs rescaled at 28.")
+    g.add_argument("--validation_prompts_file", default=None, metavar="FILE",
+                   help="More validation prompts, one per non-empty line (added after --validation_prompt).")
+    g.add_argument("--validation_steps", type=int, default=500,
+                   help="Sample the validation prompts every N applied updates (only with validation prompts).")
+    g.add_argument("--num_validation_images", type=int, default=2, help="Images per validation prompt and sampler.")
+    g.add_argument("--validation_resolution", type=int, default=None,
+                   help="Height and width of the validation images; default --resolution.")
+    g.add_argument("--validation_guidance_scale", type=float, default=None,
+                   help="Guidance embedding scale of the validation samplers; default the sampling CLIs' "
+                        "(sCM 4.5, MeanFlow 3.5, FLUX 3.5).")
+    g.add_argument("--validation_seed", type=int, default=42,
+                   help="Image k of validation prompt i uses the sampling CLIs' generator for (seed, i, k): the "
+                        "same noise at every validation step, and the same images as test_*.py --seed.")
+
     g = p.add_argument_group("EMA of the student")
     g.add_argument("--use_ema", action="store_true",
                    help="Keep an exponential moving average of the student's trainable weights (float32, main process "
@@ -126,8 +144,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="Keep only the newest N ckpts/transformer_<step>.pt exports (16 GB each for an 8B student).")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' or a checkpoints/checkpoint-<step> folder: continue that run exactly.")
-    g.add_argument("--report_to", default="tensorboard",
-                   help="Trackers: tensorboard, wandb, all, or none.")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
+                   help="Trackers of the losses, norms, lr, samples/s and validation images: tensorboard (OUT/logs/), "
+                        "wandb (run folder OUT/wandb/; offline with WANDB_MODE=offline), all, or none. "
+                        "logs/metrics.jsonl is written in every case.")
     g.add_argument("--logging_steps", type=int, default=1, help="Log metrics every N steps.")
     return p
 
@@ -144,6 +164,12 @@ def validate_common_args(args: argparse.Namespace) -> None:
         limit = getattr(args, name, None)
         if limit is not None and limit < 1:
             raise ValueError(f"--{name} {limit} must be >= 1; omit it to keep every one")
+    if args.validation_prompts_file is not None and not os.path.isfile(args.validation_prompts_file):
+        raise FileNotFoundError(f"--validation_prompts_file not found: {args.validation_prompts_file}")
+    if args.validation_steps < 1 or args.num_validation_images < 1:
+        raise ValueError("--validation_steps and --num_validation_images must be >= 1")
+    if args.validation_resolution is not None and args.validation_resolution % 16:
+        raise ValueError(f"--validation_resolution {args.validation_resolution} must be a multiple of 16")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay {args.ema_decay:g} must be in [0, 1) (e.g. 0.9999)")
     if args.ema_power is not None and args.ema_power < 0:

@@ -37,7 +37,9 @@ RESUME_INVARIANTS = ("method", "pretrained_model_name_or_path", "rescaled_checkp
 # Flags that may legitimately change between a run and its resumption, without a warning.
 RESUME_FREE = ("resume_from_checkpoint", "output_dir", "max_train_steps", "checkpointing_steps",
                "checkpoints_total_limit", "exports_total_limit", "report_to", "logging_steps", "dataloader_num_workers", "cache_dir",
-               "max_nonfinite_steps", "max_bad_sample_fraction", "step")
+               "max_nonfinite_steps", "max_bad_sample_fraction", "step", "validation_prompt", "validation_prompts_file",
+               "validation_steps", "num_validation_images", "validation_resolution", "validation_guidance_scale",
+               "validation_seed")
 
 
 def _fsync_path(path: Path) -> None:

@@ -70,7 +70,9 @@ from training.hooks import Hook, MetricsLogger, ProgressBar, RunLog, Update
 from training.launch import (build_accelerator, build_conditioner, build_models, build_optimizer,
                              check_output_dir_writable, resume_point, run_config)
 from training.stop import StopRequest
+from training.trackers import start_trackers
 from training.train_data import ResumableSampler, TrainData, load_train_dataset
+from training.validation import Validation, read_validation_prompts
 
 __all__ = ["DistillMethod", "Run", "TrainState", "ResumableSampler", "train", "save_checkpoint", "build_hooks"]
 
@@ -136,6 +138,7 @@ class Run:
     lr_scheduler: object
     data: TrainData
     encode: Callable[[dict], tuple[torch.Tensor, FluxInputs]]  # micro-batch → (packed latents, inputs)
+    components: object  # FluxPipeline without transformer (VAE, text encoders, tokenizers, scheduler)
     config: dict  # run_config.json of every checkpoint
     hooks: list[Hook]
     state: TrainState = field(default_factory=TrainState)
@@ -164,6 +167,8 @@ class _Window:
     grad_norm: torch.Tensor | float | None = None
     skipped: bool = False
     started: float = 0.0  # time.time() at the start of the last micro-batch
+    opened: float | None = None  # time.time() at the start of the first micro-batch
+    samples: int = 0  # sample reads of the window, all ranks
 
 
 def build_hooks(args: argparse.Namespace) -> list[Hook]:
@@ -171,7 +176,12 @@ def build_hooks(args: argparse.Namespace) -> list[Hook]:
     hooks: list[Hook] = []
     if args.use_ema:  # first: later hooks (metrics, validation) see this update's average
         hooks.append(EMA(args.ema_decay, args.ema_power, "cpu" if args.ema_device == "cpu" else None))
-    return hooks + [ProgressBar(), MetricsLogger(args.logging_steps)]
+    hooks += [ProgressBar(), MetricsLogger(args.logging_steps)]
+    prompts = read_validation_prompts(args)
+    if prompts:
+        hooks.append(Validation(prompts, args.validation_steps, args.num_validation_images,
+                                args.validation_resolution or args.resolution, args.validation_seed))
+    return hooks
 
 
 def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
@@ -192,6 +202,7 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
     # Data before models: a missing column or an unreadable dataset fails in seconds, not after loading.
     data = TrainData(load_train_dataset(args), args.train_batch_size, accelerator.process_index,
                      accelerator.num_processes, args.seed, args.dataloader_num_workers)
+    hooks = build_hooks(args)
 
     set_seed(args.seed)  # identical initialisation on every rank
     conditioner = build_conditioner(args, accelerator)
@@ -201,8 +212,8 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
     optimizer, lr_scheduler = build_optimizer(args, student)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     run = Run(args, method, accelerator, student, teacher, optimizer, lr_scheduler, data,
-              encode=lambda batch: conditioner(batch["pixel_values"], batch["captions"]),
-              config=config, hooks=build_hooks(args))
+              encode=lambda batch: conditioner(batch["pixel_values"], batch["captions"]), components=conditioner.pipe,
+              config=config, hooks=hooks)
     accelerator.register_for_checkpointing(run.state)
     if resume_path is not None:
         _restore(run, resume_path)
@@ -250,8 +261,7 @@ def _open_logs(run: Run, resume_path: Path | None) -> None:
     if resume_path is not None:
         run.log.truncate_metrics(run.state.step)
         run.log.event("resume", step=run.state.step, path=str(resume_path))
-    tracker_config = {k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))}
-    run.accelerator.init_trackers(f"t2i-distill-{run.method.name}", config=tracker_config)
+    start_trackers(run.accelerator, f"t2i-distill-{run.method.name}", run.config, run.args.output_dir)
 
 
 def _report_stop(run: Run) -> None:
@@ -307,6 +317,7 @@ def _micro_step(run: Run, batch: dict, window: _Window) -> None:
         run.log.event("substituted_batch", step=run.state.step, rank=acc.process_index,
                       bad_indices=batch["bad_indices"], substitute=batch["indices"][0])
     window.started = time.time()
+    window.opened = window.opened or window.started
     with acc.accumulate(run.student):  # entered exactly once per micro-batch
         latents, inputs = run.encode(batch)
         out = run.method.loss(run.student, run.unwrapped, run.teacher, latents, inputs, run.state.step)
@@ -327,6 +338,7 @@ def _micro_step(run: Run, batch: dict, window: _Window) -> None:
         if acc.sync_gradients:
             window.grad_norm, window.skipped = _optimizer_step(run)
     window.out = out
+    window.samples += int(reads)
     _count_samples(run, batch, int(reads), int(bads))
 
 
@@ -380,8 +392,9 @@ def _end_window(run: Run, window: _Window) -> list[str] | None:
     state.consecutive_nonfinite = 0
     state.step += 1
     grad_norm = None if window.grad_norm is None else float(window.grad_norm)
-    update = Update(state.step, window.out, grad_norm, run.lr_scheduler.get_last_lr()[0],
-                    time.time() - window.started)
+    now = time.time()
+    update = Update(state.step, window.out, grad_norm, run.lr_scheduler.get_last_lr()[0], now - window.started,
+                    window.samples / max(now - window.opened, 1e-9))
     for hook in run.hooks:
         hook.on_update(run, update)
     return None

@@ -42,8 +42,9 @@ class Update:
     step: int  # applied updates so far, this one included
     loss: LossOutput  # of the last micro-batch of the accumulation window
     grad_norm: float | None  # before clipping; None when the backend does not report it
-    lr: float  # the learning rate this update used
+    lr: float  # the scheduler's learning rate after this update (the next update's)
     seconds: float  # wall time of the window's last micro-batch
+    samples_per_s: float = 0.0  # samples read by all ranks over the window's wall time
 
 
 class Hook:
@@ -108,7 +109,8 @@ class RunLog:
 
 
 class MetricsLogger(Hook):
-    """Every ``logging_steps`` updates: the loss's logs + lr, timing, counters → metrics.jsonl and trackers."""
+    """Every ``logging_steps`` updates: the loss's logs (every loss term, tangent norm, adaptive weights)
+    + lr, grad norm, timing, samples/s, bad-sample and skipped-step counters → metrics.jsonl and trackers."""
 
     name = "metrics"
 
@@ -119,7 +121,8 @@ class MetricsLogger(Hook):
         if update.step % self.every:
             return
         logs = {**update.loss.logs, "lr": update.lr, "step_time": update.seconds,
-                "bad_samples": run.state.bad_samples, "skipped_nonfinite": run.state.skipped_nonfinite}
+                "samples_per_s": update.samples_per_s, "bad_samples": run.state.bad_samples,
+                "skipped_nonfinite": run.state.skipped_nonfinite}
         if update.grad_norm is not None:
             logs["grad_norm"] = update.grad_norm
         run.accelerator.log(logs, step=update.step)

@@ -313,7 +313,8 @@ class MeanFlowLoss:
         logs = {"loss": loss.item(), "loss_mean_ref": (u - u_target).detach().square().mean().item(),
                 "sq_err": per_sample.detach().mean().item(), "dudt_rms": dudt.square().mean().sqrt().item(),
                 "frac_r_eq_t": (r == t).float().mean().item(), "frac_cfg": cfg.float().mean().item(),
-                "frac_dropped": drop.float().mean().item(), "mean_interval": h.mean().item()}
+                "frac_dropped": drop.float().mean().item(), "mean_interval": h.mean().item(),
+                "adaptive_weight": weight.mean().item(), "tangent_rms": tangent.square().mean().sqrt().item()}
         terms = {"z_t": z_t, "teacher_velocity": v_teacher, "jvp_tangent": tangent, "dudt": dudt, "target": u_target,
                  "student_output": u.detach(), "jvp_primal": u_primal.to(dtype), "weight": weight,
                  "t": t, "r": r, "drop": drop, "cfg": cfg, "guidance": guidance}
