@@ -5,6 +5,7 @@ import argparse
 import os
 
 from model.attention import JVP_IMPLEMENTATIONS
+from training.lora import add_lora_args, validate_lora_args
 
 
 # The original release's training data: three parquet shards of this hub dataset (its train_*.py load exactly these).
@@ -62,7 +63,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--data_files", nargs="+", default=None, help="Data files/globs (parquet, jsonl, csv, arrow).")
     g.add_argument("--data_dir", default=None, help="Local data directory (imagefolder or parquet shards).")
     g.add_argument("--image_column", default="image", help="Column holding the images.")
-    g.add_argument("--caption_column", default="llava", help="Column holding the captions.")
+    g.add_argument("--caption_column", default="llava",
+                   help="Column holding the captions; several separated by commas (e.g. 'llava,short') = one of "
+                        "them per sample, drawn with a seed of (seed, epoch, sample) among those with text.")
+    g.add_argument("--streaming", action="store_true",
+                   help="Read the dataset as a stream (datasets IterableDataset: hub, parquet, jsonl/csv, webdataset "
+                        ".tar) instead of loading it whole; rows are split by process (whole shards when their count "
+                        "divides evenly) and a resumed run skips exactly the rows it had consumed.")
+    g.add_argument("--streaming_shuffle_buffer", type=int, default=0,
+                   help="With --streaming: shuffle shards and rows through a buffer of this many rows (seeded by "
+                        "--seed and the epoch); 0 = stream order.")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Train on the first N rows of the dataset only (with or without --streaming).")
     g.add_argument("--resolution", type=int, default=512, help="Training resolution; multiple of 16 for FLUX.")
     g.add_argument("--center_crop", type=str2bool, default=True, help="Centre crop (else seeded random crop).")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
@@ -73,6 +85,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="Unreadable samples (corrupt/empty image, empty caption) are skipped and logged to "
                         "logs/events.jsonl; the run saves and stops once the distinct unreadable samples found "
                         "exceed this fraction of the dataset.")
+
+    add_lora_args(p)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=8, help="Micro-batch per process.")
@@ -187,5 +201,10 @@ def validate_common_args(args: argparse.Namespace) -> None:
                          .format(args.timestep_scale))
     if args.ds_file is not None and not os.path.exists(args.ds_file):
         raise FileNotFoundError(f"--ds_file {args.ds_file} does not exist (see parallel_config/)")
+    if getattr(args, "max_train_samples", None) is not None and args.max_train_samples < 1:
+        raise ValueError(f"--max_train_samples {args.max_train_samples} must be >= 1; omit it to use every row")
+    if getattr(args, "streaming_shuffle_buffer", 0) < 0:
+        raise ValueError(f"--streaming_shuffle_buffer {args.streaming_shuffle_buffer} must be >= 0 (0 = stream order)")
+    validate_lora_args(args)
     if args.dataset_name is None and args.data_files is None and args.data_dir is None:
         args.dataset_name, args.data_files = RELEASE_DATASET, list(RELEASE_DATA_FILES)

@@ -33,7 +33,8 @@ RUN_CONFIG = "run_config.json"
 # batched, and the on-disk format of the optimizer state, which differs between DeepSpeed and DDP).
 RESUME_INVARIANTS = ("method", "pretrained_model_name_or_path", "rescaled_checkpoint_path", "resolution",
                      "timestep_scale", "train_batch_size", "gradient_accumulation_steps", "num_processes",
-                     "distributed_type", "seed")
+                     "distributed_type", "seed", "lora_rank", "lora_alpha", "lora_target_modules", "lora_dropout",
+                     "streaming", "streaming_shuffle_buffer", "max_train_samples")
 # Flags that may legitimately change between a run and its resumption, without a warning.
 RESUME_FREE = ("resume_from_checkpoint", "output_dir", "max_train_steps", "checkpointing_steps",
                "checkpoints_total_limit", "exports_total_limit", "report_to", "logging_steps", "dataloader_num_workers", "cache_dir",

@@ -69,7 +69,9 @@ from training.ema import EMA
 from training.hooks import Hook, MetricsLogger, ProgressBar, RunLog, Update
 from training.launch import (build_accelerator, build_conditioner, build_models, build_optimizer,
                              check_output_dir_writable, resume_point, run_config)
+from training.lora import attach_lora, lora_spec
 from training.stop import StopRequest
+from training.streaming_data import build_streaming_data
 from training.trackers import start_trackers
 from training.train_data import ResumableSampler, TrainData, load_train_dataset
 from training.validation import Validation, read_validation_prompts
@@ -145,6 +147,10 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     stop_agreed: bool = False  # some rank was asked to stop (all-reduced): stop after this update
     last_saved_step: int = -1
+    # How a checkpoint's model state and exports are written (LoRA runs replace them: training/lora.py).
+    save_state_kwargs: dict = field(default_factory=dict)
+    load_state_kwargs: dict = field(default_factory=dict)
+    export: Callable[["Run", int], None] | None = None  # main process; None = export_full_student
     log: RunLog = field(init=False)
 
     def __post_init__(self):
@@ -200,8 +206,7 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
     # Which run are we continuing?  Decided first: a mismatch must fail before minutes of loading.
     resume_path = resume_point(args, method, config, accelerator)
     # Data before models: a missing column or an unreadable dataset fails in seconds, not after loading.
-    data = TrainData(load_train_dataset(args), args.train_batch_size, accelerator.process_index,
-                     accelerator.num_processes, args.seed, args.dataloader_num_workers)
+    data = build_train_data(args, accelerator)
     hooks = build_hooks(args)
 
     set_seed(args.seed)  # identical initialisation on every rank
@@ -214,6 +219,8 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
     run = Run(args, method, accelerator, student, teacher, optimizer, lr_scheduler, data,
               encode=lambda batch: conditioner(batch["pixel_values"], batch["captions"]), components=conditioner.pipe,
               config=config, hooks=hooks)
+    if lora_spec(args) is not None:
+        attach_lora(run)  # before _restore: checkpoints hold only the trainable tensors
     accelerator.register_for_checkpointing(run.state)
     if resume_path is not None:
         _restore(run, resume_path)
@@ -237,7 +244,7 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
 
 def _restore(run: Run, path: Path) -> None:
     """Model, optimizer, scheduler, this rank's RNG, train state (accelerate), then the hook states."""
-    run.accelerator.load_state(str(path))
+    run.accelerator.load_state(str(path), **run.load_state_kwargs)
     state = run.state
     saved_step = ckpt.read_run_config(path).get("step")
     if saved_step is not None and saved_step != state.step:
@@ -442,15 +449,29 @@ def _publish(run: Run, tmp: Path) -> None:
     Exports come first: "checkpoint-N exists" implies "transformer_N.pt (and the hooks' exports) exist".
     """
     args, step = run.args, run.state.step
-    module, transformer_config = run.method.export_state_dict(run.unwrapped)
-    ckpt.export_transformer(ckpt.export_path(args.output_dir, step), module, transformer_config, step)
+    (run.export or export_full_student)(run, step)
     for hook in run.hooks:
         hook.on_save(run, step)
     states = {hook.name: s for hook in run.hooks if (s := hook.state_dict()) is not None}
     if states:
         ckpt.atomic_torch_save(states, tmp / HOOK_STATES)
     ckpt.finish_checkpoint(tmp, step, run.config, args.checkpoints_total_limit)
-    ckpt.prune_exports(args.output_dir, getattr(args, "exports_total_limit", None))
+
+
+def export_full_student(run: Run, step: int) -> None:
+    """``ckpts/transformer_<step>.pt`` in the original ``{'module': ...}`` format; prunes older ones."""
+    module, transformer_config = run.method.export_state_dict(run.unwrapped)
+    ckpt.export_transformer(ckpt.export_path(run.args.output_dir, step), module, transformer_config, step)
+    ckpt.prune_exports(run.args.output_dir, getattr(run.args, "exports_total_limit", None))
+
+
+def build_train_data(args: argparse.Namespace, accelerator: Accelerator):
+    """The map-style :class:`TrainData`, or with ``--streaming`` a :class:`StreamingTrainData`."""
+    if getattr(args, "streaming", False):
+        all_ranks = lambda flag: not _any_rank(accelerator, not flag)
+        return build_streaming_data(args, accelerator.process_index, accelerator.num_processes, all_ranks)
+    return TrainData(load_train_dataset(args), args.train_batch_size, accelerator.process_index,
+                     accelerator.num_processes, args.seed, args.dataloader_num_workers)
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -492,7 +513,7 @@ def save_checkpoint(run: Run) -> Path:
         agree(failure)
 
     attempt(lambda: ckpt.begin_checkpoint(out, step), main_only=True)
-    attempt(lambda: accelerator.save_state(str(tmp)), main_only=False)
+    attempt(lambda: accelerator.save_state(str(tmp), **run.save_state_kwargs), main_only=False)
     attempt(lambda: _publish(run, tmp), main_only=True)
     run.log.event("checkpoint", step=step, path=str(final))
     return final

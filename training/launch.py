@@ -20,6 +20,7 @@ from model.flux_io import FluxConditioner, check_resolution, load_flux_component
 from model.loading import load_flux_transformer, load_transformer_weights
 from training import checkpointing as ckpt
 from training.common import TrainingError
+from training.lora import build_tied_models, lora_spec
 
 logger = logging.getLogger("t2i_distill")
 
@@ -143,19 +144,29 @@ def build_conditioner(args: argparse.Namespace, accelerator: Accelerator) -> Flu
 
 def load_transformers(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     """Teacher and student FLUX transformers, both with the rescaled weights when given."""
-    models = []
-    for _ in range(2):
-        transformer = load_flux_transformer(args.pretrained_model_name_or_path, args.timestep_scale, revision=args.revision)
-        if args.rescaled_checkpoint_path:
-            load_transformer_weights(transformer, args.rescaled_checkpoint_path)
-        models.append(transformer)
-    return models[0], models[1]
+    return load_base_transformer(args), load_base_transformer(args)
+
+
+def load_base_transformer(args: argparse.Namespace) -> nn.Module:
+    """One FLUX transformer with the rescaled weights when given (a LoRA run's student and teacher)."""
+    transformer = load_flux_transformer(args.pretrained_model_name_or_path, args.timestep_scale, revision=args.revision)
+    if args.rescaled_checkpoint_path:
+        load_transformer_weights(transformer, args.rescaled_checkpoint_path)
+    return transformer
 
 
 def build_models(args: argparse.Namespace, method, accelerator: Accelerator) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(trainable student, frozen teacher on the device, the student's inner FLUX transformer)."""
-    teacher_tf, student_tf = load_transformers(args)
-    student, teacher = method.build_models(args, teacher_tf, student_tf)
+    """(trainable student, frozen teacher on the device, the student's inner FLUX transformer).
+
+    With ``--lora_rank`` the two share one transformer (training/lora.py): no second copy of the weights.
+    """
+    spec = lora_spec(args)
+    if spec is not None:
+        student_tf = load_base_transformer(args)
+        student, teacher = build_tied_models(args, method, student_tf, spec, weight_dtype(accelerator))
+    else:
+        teacher_tf, student_tf = load_transformers(args)
+        student, teacher = method.build_models(args, teacher_tf, student_tf)
     teacher.requires_grad_(False).eval().to(accelerator.device, weight_dtype(accelerator))
     if args.gradient_checkpointing:
         student_tf.enable_gradient_checkpointing()

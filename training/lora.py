@@ -136,6 +136,25 @@ def register_trainable_only_checkpoints(accelerator, student: nn.Module) -> None
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def attach_lora(run) -> None:
+    """Checkpoint only the trainable tensors and export the LoRA folder (``run`` is a training.core.Run)."""
+    if run.deepspeed:
+        run.save_state_kwargs, run.load_state_kwargs = deepspeed_state_kwargs()
+    else:
+        register_trainable_only_checkpoints(run.accelerator, run.student)
+
+    def export(run, step: int) -> None:
+        export_lora_student(run.args.output_dir, run.method, run.unwrapped, run.args, step)
+        if getattr(run.method, "lora_export", "adapter") == "fused":
+            from training import checkpointing as ckpt
+
+            ckpt.prune_exports(run.args.output_dir, getattr(run.args, "exports_total_limit", None))
+        else:
+            prune_lora_exports(run.args.output_dir, getattr(run.args, "exports_total_limit", None))
+
+    run.export = export
+
+
 def deepspeed_state_kwargs() -> tuple[dict, dict]:
     """(save_state kwargs, load_state kwargs) for a DeepSpeed engine whose base is frozen."""
     return {"exclude_frozen_parameters": True}, {"load_module_strict": False}

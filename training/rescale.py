@@ -187,6 +187,8 @@ class RescaleMethod:
     """
 
     name = "rescale"
+    # A LoRA rescale run exports fused full weights: the distillation runs need a whole rescaled teacher.
+    lora_export = "fused"
     # Flags that change what the saved optimizer state is training towards: a resume must keep them.
     resume_invariants = ("objective", "loss", "smooth_l1_beta", "time_sampling", "logit_mean", "logit_std",
                          "guidance_min", "guidance_max")

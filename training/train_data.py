@@ -75,6 +75,9 @@ def check_dataset_readable(dataset: Text2ImageDataset, probes: int = 8) -> None:
 def load_train_dataset(args: argparse.Namespace) -> Text2ImageDataset:
     """The flags' dataset, checked readable (fails in seconds, before any model is loaded)."""
     hf_dataset = load_hf_dataset(args.dataset_name, args.data_files, args.data_dir, cache_dir=args.cache_dir)
+    limit = getattr(args, "max_train_samples", None)
+    if limit is not None and limit < len(hf_dataset):
+        hf_dataset = hf_dataset.select(range(limit))  # the first rows, as --streaming takes them
     dataset = Text2ImageDataset(hf_dataset, args.resolution, args.image_column, args.caption_column,
                                 center_crop=args.center_crop, random_flip=args.random_flip, data_dir=args.data_dir,
                                 seed=args.seed)

@@ -1,0 +1,178 @@
+"""LoRA and streaming runs through the real trainers (train_sCM.py / train_meanflow.py / train_rescale.py flags).
+
+References: a freshly loaded copy of the pipeline's transformer (the frozen base must be unchanged), the
+straight run of the same flags (resume bit for bit), and the map-style run's data (streaming).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+from fault_injection import read_metrics, scm_args, scm_argv, scm_method, subprocess_env
+from model.lora import HEADS_WEIGHTS, LORA_WEIGHTS
+from training.core import train
+
+LORA = dict(lora_rank=4, lora_alpha=4)
+
+
+class _Keep:
+    """Wrap a method to keep the student module it builds (in-process inspection after train())."""
+
+    def __init__(self, method):
+        self.__dict__.update(method.__dict__)
+        self._method = method
+        self.name = method.name
+        self.student = None
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def build_models(self, args, teacher, student):
+        self.student, teacher_module = self._method.build_models(args, teacher, student)
+        return self.student, teacher_module
+
+
+def _lora_tensors(out, step):
+    folder = out / "ckpts" / f"lora_{step}"
+    return load_file(folder / LORA_WEIGHTS), load_file(folder / HEADS_WEIGHTS)
+
+
+def test_lora_scm_trains_only_adapter_and_head_and_resumes_bit_for_bit(tiny_assets, tmp_path):
+    from model.loading import load_flux_transformer
+
+    pipe, data = tiny_assets
+    flags = dict(max_train_steps=4, checkpointing_steps=2, **LORA)
+    straight_args = scm_args(pipe, data, tmp_path / "straight", **flags)
+    kept = _Keep(scm_method(straight_args))
+    train(straight_args, kept)
+
+    # Trainable = LoRA A/B + the logvar head; the frozen base equals a fresh load of the pipeline's transformer.
+    trainable = {n for n, p in kept.student.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith("logvar_linear.") for n in trainable)
+    fresh = load_flux_transformer(str(pipe), 1000.0).state_dict()
+    base = {n.replace("transformer.", "", 1).replace(".base_layer.", "."): p
+            for n, p in kept.student.state_dict().items() if ".lora_" not in n and not n.startswith("logvar_linear")}
+    assert base.keys() == fresh.keys() and all(torch.equal(base[k], fresh[k]) for k in fresh)
+    # Checkpoints hold only the trainable tensors; exports are LoRA folders, no full transformer .pt.
+    saved = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert set(saved) == trainable
+    assert not list((tmp_path / "straight" / "ckpts").glob("transformer_*.pt"))
+    lora, heads = _lora_tensors(tmp_path / "straight", 4)
+    assert set(heads) == {"logvar_linear.weight", "logvar_linear.bias"}
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in lora)
+    first, _ = _lora_tensors(tmp_path / "straight", 2)
+    assert any(not torch.equal(first[k], lora[k]) for k in lora)  # the adapter trains
+
+    # Resume from the step-2 checkpoint in a fresh folder: same losses, same adapter and head, bit for bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    resumed_args = scm_args(pipe, data, resumed, resume_from_checkpoint="latest", **flags)
+    train(resumed_args, scm_method(resumed_args))
+    ref, got = read_metrics(tmp_path / "straight"), read_metrics(resumed)
+    assert sorted(got) == [3, 4] and all(got[s]["loss_sCM"] == ref[s]["loss_sCM"] for s in got)
+    for a, b in zip(_lora_tensors(resumed, 4), (lora, heads)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A changed LoRA flag is refused on resume.
+    with pytest.raises(ValueError, match="lora_rank"):
+        bad = scm_args(pipe, data, resumed, resume_from_checkpoint="latest", **{**flags, "lora_rank": 8})
+        train(bad, scm_method(bad))
+
+
+def test_lora_meanflow_and_rescale_runs(tiny_assets, tmp_path):
+    """MeanFlow: the interval embedder is exported as a head; rescale: fused ×1 weights as usual."""
+    from train_meanflow import main as meanflow_main
+    from train_rescale import main as rescale_main
+
+    pipe, data = tiny_assets
+    common = ["--pretrained_model_name_or_path", str(pipe), "--data_dir", str(data), "--resolution", "32",
+              "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none",
+              "--lora_rank", "2"]
+    meanflow_main(common + ["--timestep_scale", "1000", "--output_dir", str(tmp_path / "mf")])
+    lora, heads = _lora_tensors(tmp_path / "mf", 2)
+    assert heads and all(k.startswith("time_text_embed.interval_embedder.") for k in heads)
+    info = json.loads((tmp_path / "mf" / "ckpts" / "lora_2" / "lora_info.json").read_text())
+    assert info["method"] == "MeanFlow" and info["transformer_config"]["interval_embedding"]
+
+    rescale_main(common + ["--output_dir", str(tmp_path / "rs")])
+    export = torch.load(tmp_path / "rs" / "ckpts" / "transformer_2.pt", weights_only=True)
+    assert export["config"]["timestep_scale"] == 1.0 and not any(".lora_" in k for k in export["module"])
+    assert (tmp_path / "rs" / "rescaled.pt").is_file()
+
+
+def _streaming_argv(pipe, data, out, **flags):
+    return scm_argv(pipe, data, out, data_dir=None, data_files=str(next(data.glob("*.parquet"))), **flags)
+
+
+def test_streaming_run_resumes_at_the_right_sample(tiny_assets, tmp_path, micro_batches):
+    """--streaming: the stream position is (epoch, micro-batch); the first epoch reads the rows in stream order
+    (as the map-style dataset numbers them), and a resumed run continues at the right sample, bit for bit."""
+    from train_sCM import parse_args
+
+    pipe, data = tiny_assets
+    flags = dict(max_train_steps=6, checkpointing_steps=3, streaming=True, max_train_samples=20)
+    straight_args = parse_args(_streaming_argv(pipe, data, tmp_path / "straight", **flags))
+    train(straight_args, scm_method(straight_args))
+    seen = list(micro_batches)
+    # 20 rows, batch 4: 5 micro-batches per epoch in stream order, then epoch 1 starts again at row 0.
+    assert seen == [list(range(i, i + 4)) for i in range(0, 20, 4)] + [list(range(0, 4))]
+    micro_batches.clear()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    resumed_args = parse_args(_streaming_argv(pipe, data, resumed, resume_from_checkpoint="latest", **flags))
+    train(resumed_args, scm_method(resumed_args))
+    assert micro_batches == seen[3:]
+    ref, got = read_metrics(tmp_path / "straight"), read_metrics(resumed)
+    assert sorted(got) == [4, 5, 6] and all(got[s]["loss_sCM"] == ref[s]["loss_sCM"] for s in got)
+
+
+@pytest.fixture
+def micro_batches(monkeypatch):
+    """The sample indices of every micro-batch the loop trains on, in order (training.core._micro_step)."""
+    import training.core as core
+
+    seen: list[list[int]] = []
+    original = core._micro_step
+
+    def micro_step(run, batch, window):
+        seen.append(list(batch["indices"]))
+        return original(run, batch, window)
+
+    monkeypatch.setattr(core, "_micro_step", micro_step)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_streaming_and_lora_resume_bit_for_bit(tiny_assets, tmp_path):
+    """2 processes (DDP, gloo): streamed rows split by rank, LoRA student; checkpoint-3 resumed in a fresh
+    folder equals the straight run."""
+    pipe, data = tiny_assets
+    flags = dict(max_train_steps=5, checkpointing_steps=3, streaming=True, max_train_samples=24, **LORA)
+
+    def torchrun(out, **extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={29500 + os.getpid() % 2000}", "train_sCM.py",
+               *_streaming_argv(pipe, data, out, **flags, **extra)]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(ACCELERATE_USE_CPU="true"), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    torchrun(tmp_path / "straight")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    torchrun(resumed, resume_from_checkpoint="latest")
+    ref, got = read_metrics(tmp_path / "straight"), read_metrics(resumed)
+    assert sorted(got) == [4, 5] and all(got[s]["loss_sCM"] == ref[s]["loss_sCM"] for s in got)
+    for a, b in zip(_lora_tensors(resumed, 5), _lora_tensors(tmp_path / "straight", 5)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(resumed / "checkpoints" / "checkpoint-5" / "custom_checkpoint_0.pkl", weights_only=False)
+    # 24 rows, 2 ranks × batch 4: 3 micro-batches per epoch; 5 steps = epoch 1, micro-batch 2; 40 reads.
+    assert (state["epoch"], state["batches_in_epoch"], state["samples_seen"]) == (1, 2, 40)

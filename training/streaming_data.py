@@ -1,0 +1,94 @@
+"""The training loop's data source for ``--streaming`` (the map-style one is ``training/train_data.py``).
+
+Same members as :class:`~training.train_data.TrainData` (``batches``, ``substitute``, ``__len__``), over a
+:class:`~data.streaming.StreamingText2ImageSource`.  Two things differ from a map-style dataset:
+
+* ranks may hold different numbers of rows (whole shards per rank), so before every micro-batch all ranks
+  agree (one all-reduce of "I have a full batch") and the epoch ends for all at the first rank that has
+  none: every rank runs the same number of forward/backward passes, as DDP and DeepSpeed require.  The
+  ragged end of an epoch is dropped, as the map-style sampler drops its last partial batch;
+* the stream's length is unknown: ``len()`` is the number of rows the run has streamed so far (all ranks,
+  estimated as this rank's × world size), the base of ``--max_bad_sample_fraction``.
+The position is the train state's (epoch, micro-batches consumed); see data/streaming.py.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Iterator
+
+import torch
+
+from data.dataset import Text2ImageTransform, load_hf_dataset
+from data.streaming import StreamingText2ImageSource
+from training.common import TrainingError
+
+PROBES = 8  # samples read up front to check the columns hold usable data
+
+
+class StreamingTrainData:
+    """This rank's micro-batches of a streamed dataset; ``all_ranks(flag)`` is True iff every rank's flag is."""
+
+    def __init__(self, source: StreamingText2ImageSource, all_ranks: Callable[[bool], bool], num_workers: int = 0):
+        self.source = source
+        self.all_ranks = all_ranks
+        # Its own generator: creating an iterator never consumes global random numbers (exact resume).
+        self.loader = torch.utils.data.DataLoader(source, batch_size=source.batch_size, collate_fn=source.collate_fn,
+                                                  num_workers=num_workers,
+                                                  generator=torch.Generator().manual_seed(source.seed))
+        self._rows_read = 0
+        self._fallback: dict | None = None
+
+    def __len__(self) -> int:
+        return max(1, self._rows_read * self.source.world_size)
+
+    def batches(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        """This rank's micro-batches of ``epoch`` after the first ``start_batch`` ones, while every rank has one."""
+        self.source.set_position(epoch, start_batch)
+        it = iter(self.loader)
+        while True:
+            batch = next(it, None)
+            full = batch is not None and len(batch["indices"]) + len(batch["bad_indices"]) == self.source.batch_size
+            if not self.all_ranks(full):
+                return
+            self._rows_read += self.source.batch_size
+            yield batch
+
+    def substitute(self, batch: dict) -> dict:
+        """A one-sample batch for a micro-batch whose samples are all unreadable: the first readable sample of
+        this rank's stream (fixed, hence resumable)."""
+        if self._fallback is None:
+            for sample in self.source.peek(64):
+                if "bad_reason" not in sample:
+                    self._fallback = sample
+                    break
+            else:
+                raise TrainingError("the first 64 streamed samples of this process are all unreadable; check the data")
+        out = self.source.collate_fn([self._fallback])
+        out["bad_indices"], out["bad_reasons"] = batch["bad_indices"], batch["bad_reasons"]
+        return out
+
+
+def check_stream_readable(source: StreamingText2ImageSource) -> None:
+    """Clear error up front when none of the first samples can be used (wrong column, no images, ...)."""
+    samples = source.peek(PROBES)
+    if not samples:
+        raise ValueError("the streamed dataset yielded no rows for this process; check the data path and the split")
+    if all("bad_reason" in s for s in samples):
+        reasons = "; ".join(f"#{s['index']}: {s['bad_reason']}" for s in samples[:3])
+        raise ValueError(f"none of the first {len(samples)} streamed samples can be used ({reasons}). "
+                         "Check --image_column / --caption_column and that the image column holds images.")
+
+
+def build_streaming_data(args: argparse.Namespace, rank: int, world_size: int,
+                         all_ranks: Callable[[bool], bool]) -> StreamingTrainData:
+    """The flags' streamed dataset (hub id, parquet/jsonl/csv files, webdataset .tar shards), checked readable."""
+    stream = load_hf_dataset(args.dataset_name, args.data_files, args.data_dir, streaming=True, cache_dir=args.cache_dir)
+    transform = Text2ImageTransform(args.resolution, args.image_column, args.caption_column,
+                                    center_crop=args.center_crop, random_flip=args.random_flip,
+                                    data_dir=args.data_dir, seed=args.seed)
+    source = StreamingText2ImageSource(stream, transform, args.train_batch_size, rank, world_size, seed=args.seed,
+                                       shuffle_buffer=args.streaming_shuffle_buffer,
+                                       max_samples=args.max_train_samples)
+    check_stream_readable(source)
+    return StreamingTrainData(source, all_ranks, args.dataloader_num_workers)
+
