@@ -176,3 +176,33 @@ def test_two_process_streaming_and_lora_resume_bit_for_bit(tiny_assets, tmp_path
     state = torch.load(resumed / "checkpoints" / "checkpoint-5" / "custom_checkpoint_0.pkl", weights_only=False)
     # 24 rows, 2 ranks × batch 4: 3 micro-batches per epoch; 5 steps = epoch 1, micro-batch 2; 40 reads.
     assert (state["epoch"], state["batches_in_epoch"], state["samples_seen"]) == (1, 2, 40)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_lora_resume_is_bitwise_identical(tiny_assets, tmp_path):
+    """DeepSpeed ZeRO-2 bf16 (1 process on CPU): the engine saves only the trainable tensors
+    (exclude_frozen_parameters) and a resumed LoRA run repeats the straight run's steps exactly."""
+    pipe, data = tiny_assets
+    flags = dict(ds_file=REPO_ROOT / "parallel_config" / "deepspeed_bf16_batch1.json", max_train_steps=4,
+                 checkpointing_steps=2, **LORA)
+    env = dict(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"))
+
+    def run(argv):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+               f"--master_port={29500 + os.getpid() % 2000}", "train_sCM.py", *argv]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(scm_argv(pipe, data, straight, **flags))
+    module = torch.load(next((straight / "checkpoints" / "checkpoint-2").rglob("mp_rank_00_model_states.pt")),
+                        map_location="cpu", weights_only=False)["module"]
+    assert module and all(".lora_" in k or k.startswith("logvar_linear.") for k in module)  # no frozen base
+    shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    run(scm_argv(pipe, data, resumed, resume_from_checkpoint="latest", **flags))
+    ref, got = read_metrics(straight), read_metrics(resumed)
+    assert sorted(got) == [3, 4] and [got[s]["loss_sCM"] for s in got] == [ref[s]["loss_sCM"] for s in got]
+    for a, b in zip(_lora_tensors(resumed, 4), _lora_tensors(straight, 4)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

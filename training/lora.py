@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -110,14 +111,14 @@ def register_trainable_only_checkpoints(accelerator, student: nn.Module) -> None
 
     def save_hook(models, weights, output_dir):
         for model, state in zip(models, weights):
-            if _unwrap(accelerator, model) is _unwrap(accelerator, student):
+            if accelerator.unwrap_model(model) is accelerator.unwrap_model(student):
                 keep = trainable_names(model)
                 for key in [k for k in state if k not in keep]:
                     del state[key]
 
     def load_hook(models, input_dir):
         for i, model in enumerate(list(models)):
-            if _unwrap(accelerator, model) is not _unwrap(accelerator, student):
+            if accelerator.unwrap_model(model) is not accelerator.unwrap_model(student):
                 continue
             path = Path(input_dir, "model.safetensors" if i == 0 else f"model_{i}.safetensors")
             state = load_file(path)
@@ -160,10 +161,6 @@ def deepspeed_state_kwargs() -> tuple[dict, dict]:
     return {"exclude_frozen_parameters": True}, {"load_module_strict": False}
 
 
-def _unwrap(accelerator, model: nn.Module) -> nn.Module:
-    return accelerator.unwrap_model(model)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Exports
 # ---------------------------------------------------------------------------------------------------------
@@ -197,8 +194,6 @@ def export_lora_student(output_dir: str | os.PathLike, method, student: nn.Modul
 
 def prune_lora_exports(output_dir: str | os.PathLike, keep: int | None) -> None:
     """Remove all but the newest ``keep`` ``ckpts/lora_<step>/`` folders (None: keep all)."""
-    import shutil
-
     if not keep or keep < 1:
         return
     root = Path(output_dir) / "ckpts"
