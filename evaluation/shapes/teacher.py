@@ -6,9 +6,9 @@ CLIP + T5 text encoders, ``FlowMatchEulerDiscreteScheduler``), so every trainer 
 the project runs on it unchanged. Components and how they are obtained:
 
 * tokenizers, text encoders and scheduler: :func:`data.tiny_flux.build_tiny_flux_pipeline` with the
-  sizes of :func:`default_flux_config`. The text encoders stay **random and frozen**: captions differ
-  by words, so even random CLIP/T5 give distinguishable embeddings, and the transformer learns to read
-  them.
+  sizes of :func:`default_flux_config`. In recipe v1 the text encoders stay **random and frozen**:
+  captions differ by words, so even random CLIP/T5 give distinguishable word embeddings (but not
+  binding; see recipe v2 below).
 * VAE: an ``AutoencoderKL`` with three blocks (spatial factor 4: 64² pixels → 16×16×8 latents → 8×8 =
   64 packed tokens of 32 channels), **trained** on rendered shapes images with
   ``L = mean|D(z) − x| + β·KL(q(z|x) ‖ N(0, I)) / dim(z)``, ``z ~ q(z|x)``. Afterwards FLUX's latent
@@ -33,6 +33,16 @@ the project runs on it unchanged. Components and how they are obtained:
   {4, 4.5, 5} in the students' training) therefore gives the conditional model. The exported weights
   are an exponential moving average (``ema_decay``) of the trained ones.
 
+Recipe v2 (``--recipe v2``, :func:`teacher_recipe`; why: docs/toy_benchmark/teacher_diagnosis.md) changes
+three things: the CLIP and T5 encoders are **trained jointly** with the transformer during flow matching
+(random frozen ones hand the transformer, which sees text tokens without position, the same bag of word
+vectors whatever binds to what); flow matching feeds a constant guidance input ``flow_guidance`` = 1 with
+caption dropout, so classifier-free guidance works; then **guidance distillation** as FLUX-dev
+(:func:`run_guidance_distillation`): the guidance embedding learns the CFG velocity for w ~ U[1, 6].
+
+Long builds run in resumable stages: with ``state_dir`` every stage keeps its state there and a
+``Budget`` (``--max_minutes``) stops a call early; the same call again continues bit-identically.
+
 The transformer weights are stored in float16 to keep the folder small (diffusers loads them as float32
 unless asked otherwise); the scores in ``teacher_build_info.json`` are measured on the stored weights.
 
@@ -42,6 +52,8 @@ under a temporary name and renamed into place, so an interrupted build never loo
 Command line::
 
     python -m evaluation.shapes.teacher --output_dir assets/shapes_teacher [--seed 0] [--threads 2]
+    python -m evaluation.shapes.teacher --recipe v2 --output_dir OUT --state_dir STATE --max_minutes 80 \
+        --reuse_vae_from assets/shapes_teacher      # repeat until it prints "built teacher"
 """
 from __future__ import annotations
 
@@ -62,6 +74,14 @@ import numpy as np
 
 __all__ = [
     "TeacherConfig",
+    "teacher_recipe",
+    "RECIPES",
+    "COMMITTED_RECIPE",
+    "Budget",
+    "optimise",
+    "run_flow_matching",
+    "run_guidance_distillation",
+    "cfg_velocity",
     "default_flux_config",
     "build_teacher",
     "ensure_teacher",
@@ -125,6 +145,23 @@ class TeacherConfig:
     caption_dropout: float = 0.1
     #: Start the transformer from DiT's adaLN-Zero initialisation (see :func:`adaln_zero_init`).
     adaln_zero_init: bool = True
+    # Fields below were added with recipe v2; their defaults reproduce v1 exactly, so a build info
+    # written before they existed has the same key as TeacherConfig() (see _config_key).
+    #: Train the CLIP and T5 text encoders jointly with the transformer during flow matching (then
+    #: freeze them). The random frozen encoders give each word the same vector whatever it is bound
+    #: to, and FLUX gives text tokens no position (txt_ids = 0), so the transformer would see a bag of
+    #: words: "a red square and a green circle" ≈ "a red circle and a green square" (cosine ≥ 0.996).
+    train_text_encoders: bool = False
+    #: Guidance input during flow matching: None draws g ~ U(guidance_min, guidance_max) that the target
+    #: ignores (v1); a number feeds that constant (v2: 1, "no guidance", where guidance distillation starts).
+    flow_guidance: Optional[float] = None
+    # guidance distillation, as FLUX-dev: the guidance embedding learns the CFG output (0 steps: none)
+    distill_steps: int = 0
+    distill_batch_size: int = 32
+    distill_learning_rate: float = 3e-4
+    distill_warmup_steps: int = 100
+    distill_guidance_min: float = 1.0
+    distill_guidance_max: float = 6.0
     # evaluation of the stored teacher (held-out prompts)
     eval_prompts_per_tag: int = 8
     eval_samples: int = 2
@@ -140,7 +177,8 @@ class TeacherConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vae_steps", "steps", "warmup_steps", "eval_prompts_per_tag", "eval_samples"):
+        for name in ("vae_steps", "steps", "warmup_steps", "eval_prompts_per_tag", "eval_samples", "distill_steps",
+                     "distill_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -149,6 +187,12 @@ class TeacherConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 < self.guidance_min <= self.guidance_max:
             raise ValueError(f"need 0 < guidance_min <= guidance_max, got {self.guidance_min}, {self.guidance_max}")
+        if self.distill_steps and not 0 < self.distill_guidance_min <= self.distill_guidance_max:
+            raise ValueError("need 0 < distill_guidance_min <= distill_guidance_max, got "
+                             f"{self.distill_guidance_min}, {self.distill_guidance_max}")
+        if self.distill_steps and self.flow_guidance is None:
+            raise ValueError("distill_steps > 0 needs flow_guidance (the constant guidance input the CFG teacher "
+                             "was trained with, e.g. 1.0)")
         factor = 2 ** (len(self.flux["vae_block_out_channels"]) - 1)
         if self.resolution % (2 * factor):
             raise ValueError(f"resolution {self.resolution} must be a multiple of {2 * factor} "
@@ -156,6 +200,23 @@ class TeacherConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: Named build recipes. v1: the teacher of issue 6 (frozen random text encoders, guidance input
+#: ignored). v2: text encoders trained jointly, caption dropout for CFG, then guidance distillation.
+RECIPES = ("v1", "v2")
+#: The recipe of the teacher committed in assets/shapes_teacher (what ``--rebuild_teacher`` remakes).
+COMMITTED_RECIPE = "v1"
+
+
+def teacher_recipe(name: str = COMMITTED_RECIPE) -> TeacherConfig:
+    """The :class:`TeacherConfig` of recipe ``name`` (one of :data:`RECIPES`)."""
+    if name == "v1":
+        return TeacherConfig()
+    if name == "v2":
+        return replace(TeacherConfig(), train_text_encoders=True, flow_guidance=1.0, caption_dropout=0.15,
+                       steps=15000, distill_steps=3000, eval_prompts_per_tag=34, eval_guidance=4.0)
+    raise ValueError(f"unknown teacher recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,47 +449,150 @@ def sample_flow_times(batch: int, generator) -> "torch.Tensor":
 def train_transformer(transformer, latents, caption_embeds, caption_pooled, caption_index, uncond_embeds,
                       uncond_pooled, txt_ids, img_ids, config: TeacherConfig, progress: bool = True,
                       log: Optional[Callable[[dict], None]] = None) -> tuple[dict, list[dict]]:
-    """Flow-matching training of a stock FLUX transformer (see module doc); returns (EMA state dict, log).
+    """Flow-matching training of a stock FLUX transformer on frozen text embeddings (recipe v1; see
+    module doc); returns (EMA state dict, log). A thin wrapper of :func:`run_flow_matching`."""
+    text = FrozenText(caption_embeds, caption_pooled, uncond_embeds, uncond_pooled)
+    result = run_flow_matching({"transformer": transformer}, text, latents, caption_index, txt_ids, img_ids,
+                               config, progress=progress, log=log)
+    return result.ema["transformer"], result.history
 
-    The stock forward takes ``timestep`` = flow time t ∈ [0, 1] and multiplies it (and the guidance) by
-    1000 itself, exactly as ``FluxPipeline`` calls it. LR: linear warm-up, cosine decay to
-    ``min_lr_ratio``·lr. EMA decay ramps as min(decay, (1 + step)/(10 + step)).
+
+class FrozenText:
+    """Precomputed text conditioning: rows of ``embeds``/``pooled`` per caption, the unconditional
+    prompt's where the caption is dropped."""
+
+    def __init__(self, embeds, pooled, uncond_embeds, uncond_pooled):
+        self.embeds, self.pooled = embeds, pooled
+        self.uncond_embeds, self.uncond_pooled = uncond_embeds, uncond_pooled
+
+    def __call__(self, caption: "torch.Tensor", drop: "torch.Tensor"):
+        import torch
+
+        enc, pooled = self.embeds[caption], self.pooled[caption]
+        enc = torch.where(drop[:, None, None], self.uncond_embeds.expand_as(enc), enc)
+        pooled = torch.where(drop[:, None], self.uncond_pooled.expand_as(pooled), pooled)
+        return enc, pooled
+
+
+class TrainableText:
+    """Text conditioning through the pipeline's own CLIP and T5 encoders, with gradients.
+
+    Token ids are computed once with the pipeline's tokenizers and the arguments of
+    ``FluxPipeline.encode_prompt`` (CLIP: padded/truncated to 77, ``pooler_output``; T5: padded/truncated to
+    ``max_sequence_length``, last hidden state), so after training ``FluxPipeline`` encodes a caption exactly
+    as this class did. The last row is the unconditional prompt.
+    """
+
+    def __init__(self, pipe, captions: Sequence[str], max_sequence_length: int):
+        self.clip, self.t5 = pipe.text_encoder, pipe.text_encoder_2
+        prompts = list(captions) + [UNCONDITIONAL_PROMPT]
+        self.clip_ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer_max_length,
+                                       truncation=True, return_tensors="pt").input_ids
+        self.t5_ids = pipe.tokenizer_2(prompts, padding="max_length", max_length=max_sequence_length,
+                                       truncation=True, return_tensors="pt").input_ids
+        self.uncond = len(prompts) - 1
+
+    def encode(self, rows: "torch.Tensor"):
+        """(T5 hidden states [B, L, D], CLIP pooled [B, P]) of caption rows ``rows``."""
+        enc = self.t5(self.t5_ids[rows], output_hidden_states=False)[0]
+        pooled = self.clip(self.clip_ids[rows], output_hidden_states=False).pooler_output
+        return enc.float(), pooled.float()
+
+    def __call__(self, caption: "torch.Tensor", drop: "torch.Tensor"):
+        import torch
+
+        return self.encode(torch.where(drop, torch.full_like(caption, self.uncond), caption))
+
+
+@dataclass
+class Budget:
+    """When a resumable stage stops early (None: never): wall-clock minutes or optimizer steps of this run."""
+
+    max_minutes: Optional[float] = None
+    max_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self._start = time.monotonic()
+        self._steps = 0
+
+    def spend(self) -> bool:
+        """Count one step; True when the budget is used up."""
+        self._steps += 1
+        if self.max_steps is not None and self._steps >= self.max_steps:
+            return True
+        return self.max_minutes is not None and time.monotonic() - self._start >= 60 * self.max_minutes
+
+
+@dataclass
+class StageResult:
+    """Outcome of a resumable optimisation stage: EMA weights per module (None when paused)."""
+
+    step: int
+    total: int
+    history: list
+    ema: Optional[dict] = None
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def optimise(name: str, modules: dict, loss_fn: Callable[[int], "torch.Tensor"], total: int,
+             lr_at: Callable[[int], float], generator, config: TeacherConfig, checkpoint: Optional[Path] = None,
+             budget: Optional[Budget] = None, progress: bool = True, log: Optional[Callable[[dict], None]] = None,
+             checkpoint_minutes: float = 10.0) -> StageResult:
+    """A resumable AdamW loop over the parameters of ``modules`` (betas 0.9/0.99, gradient clipping at
+    ``config.max_grad_norm``, EMA with decay min(ema_decay, (1 + step)/(10 + step))).
+
+    ``loss_fn(step)`` draws its batch from ``generator``. With ``checkpoint``, the loop resumes from that file
+    when it exists and writes it (weights, EMA, optimizer, generator state, log) every ``checkpoint_minutes``,
+    when ``budget`` runs out (returns a paused result) and at the end, so an interrupted stage continues
+    bit-identically.
     """
     import torch
 
-    gen = torch.Generator().manual_seed(config.seed * 7919 + 2)
-    transformer.train().requires_grad_(True)
-    params = [p for p in transformer.parameters()]
+    params = [p for m in modules.values() for p in m.parameters()]
+    for m in modules.values():
+        m.requires_grad_(True)  # train/eval mode is the caller's (the text encoders train without dropout)
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(params, lr=lr_at(0), weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    start, history, running = 0, [], None
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        for key, m in modules.items():
+            m.load_state_dict(state["modules"][key])
+        for e, saved in zip(ema, state["ema"]):
+            e.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start, history, running = state["step"], state["history"], state["running"]
 
-    def lr_at(step: int) -> float:
-        return warmup_cosine_lr(step, config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio)
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            _atomic_save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()}, "ema": ema,
+                          "optimizer": opt.state_dict(), "generator": generator.get_state(),
+                          "torch_rng": torch.get_rng_state(), "history": history,
+                          "running": running}, checkpoint)
 
-    history: list[dict] = []
-    running = None
-    bar = _progress(config.steps, "teacher steps", progress)
-    n = latents.shape[0]
-    b = config.batch_size
-    for step in range(config.steps):
+    bar = _progress(total, f"{name} steps", progress)
+    bar.update(start)
+    last_save = time.monotonic()
+    step = start
+    paused = False
+    while step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        idx = torch.randint(n, (b,), generator=gen)
-        x0 = latents[idx]
-        cap = caption_index[idx]
-        enc, pooled = caption_embeds[cap], caption_pooled[cap]
-        drop = torch.rand(b, generator=gen) < config.caption_dropout
-        enc = torch.where(drop[:, None, None], uncond_embeds.expand_as(enc), enc)
-        pooled = torch.where(drop[:, None], uncond_pooled.expand_as(pooled), pooled)
-        t = sample_flow_times(b, gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        g = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(b, generator=gen)
-        tb = t[:, None, None]
-        z_t = (1 - tb) * x0 + tb * eps
-        target = eps - x0
-        pred = transformer(hidden_states=z_t, timestep=t, guidance=g, encoder_hidden_states=enc,
-                           pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        loss = (pred.float() - target).square().mean()
+        loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -438,20 +602,145 @@ def train_transformer(transformer, latents, caption_embeds, caption_pooled, capt
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        step += 1
         bar.update(1)
-        if (step + 1) % 50 == 0 or step + 1 == config.steps:
-            entry = {"step": step + 1, "loss": loss.item(), "loss_smoothed": running, "lr": lr_at(step),
+        if step % 50 == 0 or step == total:
+            entry = {"step": step, "loss": loss.item(), "loss_smoothed": running, "lr": lr_at(step - 1),
                      "grad_norm": float(grad_norm)}
             history.append(entry)
             bar.set_postfix(loss=f"{running:.4f}")
             if log:
-                log({"stage": "transformer", **entry})
+                log({"stage": name, **entry})
+        if step < total and budget is not None and budget.spend():
+            paused = True
+            break
+        if checkpoint is not None and time.monotonic() - last_save >= 60 * checkpoint_minutes:
+            save(step)
+            last_save = time.monotonic()
     bar.close()
-    transformer.eval().requires_grad_(False)
-    names = [name for name, _ in transformer.named_parameters()]
-    state = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
-    state.update({name: e for name, e in zip(names, ema)})
-    return state, history
+    if step > start or (checkpoint is not None and not checkpoint.is_file()):
+        save(step)
+    for m in modules.values():
+        m.requires_grad_(False)
+    if paused:
+        return StageResult(step, total, history)
+    return StageResult(step, total, history, _ema_state_dicts(modules, params, ema))
+
+
+def _ema_state_dicts(modules: dict, params: list, ema: list) -> dict:
+    """State dicts of ``modules`` with the EMA in place of every parameter. Taken through the modules
+    themselves, so tied weights (T5's ``shared`` = ``encoder.embed_tokens``) get the EMA under every name."""
+    import torch
+
+    with torch.no_grad():
+        trained = [p.detach().clone() for p in params]
+        for p, e in zip(params, ema):
+            p.copy_(e)
+        out = {key: {k: v.detach().clone() for k, v in m.state_dict().items()} for key, m in modules.items()}
+        for p, saved in zip(params, trained):
+            p.copy_(saved)
+    return out
+
+
+def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_ids, config: TeacherConfig,
+                      checkpoint: Optional[Path] = None, budget: Optional[Budget] = None, progress: bool = True,
+                      log: Optional[Callable[[dict], None]] = None) -> StageResult:
+    """Flow matching of ``modules["transformer"]`` (and of the text encoders in ``modules`` when ``text`` is a
+    :class:`TrainableText`); see the module doc for the objective.
+
+    The stock forward takes ``timestep`` = flow time t ∈ [0, 1] and multiplies it (and the guidance) by
+    1000 itself, exactly as ``FluxPipeline`` calls it. LR: linear warm-up, cosine decay to
+    ``min_lr_ratio``·lr.
+    """
+    import torch
+
+    transformer = modules["transformer"]
+    gen = torch.Generator().manual_seed(config.seed * 7919 + 2)
+    n, b = latents.shape[0], config.batch_size
+
+    def lr_at(step: int) -> float:
+        return warmup_cosine_lr(step, config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio)
+
+    def loss_fn(step: int):
+        idx = torch.randint(n, (b,), generator=gen)
+        x0 = latents[idx]
+        drop = torch.rand(b, generator=gen) < config.caption_dropout
+        enc, pooled = text(caption_index[idx], drop)
+        t = sample_flow_times(b, gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        if config.flow_guidance is None:
+            g = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(b, generator=gen)
+        else:
+            g = torch.full((b,), float(config.flow_guidance))
+        tb = t[:, None, None]
+        z_t = (1 - tb) * x0 + tb * eps
+        pred = transformer(hidden_states=z_t, timestep=t, guidance=g, encoder_hidden_states=enc,
+                           pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return (pred.float() - (eps - x0)).square().mean()
+
+    return optimise("transformer", modules, loss_fn, config.steps, lr_at, gen, config, checkpoint, budget,
+                    progress, log)
+
+
+def cfg_velocity(teacher, z_t, t, guidance_input: float, cond: tuple, uncond: tuple, w: "torch.Tensor", txt_ids,
+                 img_ids) -> "torch.Tensor":
+    """Classifier-free guidance of a flow model: v_u + w·(v_c − v_u), both in one batched forward."""
+    import torch
+
+    enc = torch.cat([cond[0], uncond[0].expand_as(cond[0])])
+    pooled = torch.cat([cond[1], uncond[1].expand_as(cond[1])])
+    g = torch.full((2 * z_t.shape[0],), float(guidance_input))
+    v = teacher(hidden_states=torch.cat([z_t, z_t]), timestep=torch.cat([t, t]), guidance=g,
+                encoder_hidden_states=enc, pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids,
+                return_dict=False)[0].float()
+    v_c, v_u = v.chunk(2)
+    return v_u + w[:, None, None] * (v_c - v_u)
+
+
+def run_guidance_distillation(student, teacher, text: FrozenText, latents, caption_index, txt_ids, img_ids,
+                              config: TeacherConfig, checkpoint: Optional[Path] = None,
+                              budget: Optional[Budget] = None, progress: bool = True,
+                              log: Optional[Callable[[dict], None]] = None) -> StageResult:
+    """Guidance distillation as FLUX-dev (Meng et al. 2023, stage 1): the student, started from the frozen
+    CFG teacher, learns its guided velocity with the scale as an input::
+
+        w ~ U(distill_guidance_min, distill_guidance_max),  z_t = (1 − t)·x₀ + t·ε
+        L = ‖v_θ(z_t, t, g=w, c) − [v_u + w·(v_c − v_u)]‖² / dim(x₀)
+
+    with v_c, v_u the teacher's velocities for the caption and the unconditional prompt (guidance input
+    ``flow_guidance``). Captions are dropped with ``caption_dropout`` as before (then v_c = v_u, the target is
+    v_u at every w), so the unconditional prompt keeps its meaning.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(config.seed * 7919 + 3)
+    teacher.eval().requires_grad_(False)
+    n, b = latents.shape[0], config.distill_batch_size
+    uncond = (text.uncond_embeds, text.uncond_pooled)
+
+    def lr_at(step: int) -> float:
+        return warmup_cosine_lr(step, config.distill_steps, config.distill_warmup_steps,
+                                config.distill_learning_rate, config.min_lr_ratio)
+
+    def loss_fn(step: int):
+        idx = torch.randint(n, (b,), generator=gen)
+        x0 = latents[idx]
+        drop = torch.rand(b, generator=gen) < config.caption_dropout
+        enc, pooled = text(caption_index[idx], drop)
+        t = sample_flow_times(b, gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        lo, hi = config.distill_guidance_min, config.distill_guidance_max
+        w = lo + (hi - lo) * torch.rand(b, generator=gen)
+        tb = t[:, None, None]
+        z_t = (1 - tb) * x0 + tb * eps
+        with torch.no_grad():
+            target = cfg_velocity(teacher, z_t, t, config.flow_guidance, (enc, pooled), uncond, w, txt_ids, img_ids)
+        pred = student(hidden_states=z_t, timestep=t, guidance=w, encoder_hidden_states=enc,
+                       pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return (pred.float() - target).square().mean()
+
+    return optimise("guidance_distill", {"transformer": student}, loss_fn, config.distill_steps, lr_at, gen, config,
+                    checkpoint, budget, progress, log)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,13 +799,81 @@ def score_pipeline(pipe, config: TeacherConfig, work_dir: PathLike, progress: bo
 # The build
 
 
+STATE_CONFIG_NAME = "build_config.json"
+#: VAE-related fields: a VAE trained with equal values is the same VAE (see ``reuse_vae_from``).
+_VAE_FIELDS = ("seed", "resolution", "num_images", "vae_steps", "vae_batch_size", "vae_learning_rate",
+               "vae_kl_weight", "vae_mid_block_attention")
+_VAE_FLUX_FIELDS = ("vae_block_out_channels", "latent_channels", "vae_norm_num_groups", "vae_layers_per_block")
+
+
+def _vae_key(config: dict) -> str:
+    return json.dumps({**{k: config.get(k) for k in _VAE_FIELDS},
+                       **{k: config.get("flux", {}).get(k) for k in _VAE_FLUX_FIELDS}}, sort_keys=True)
+
+
+def _open_state_dir(state_dir: Path, config: TeacherConfig) -> None:
+    """Create ``state_dir`` for ``config``, or check that it already belongs to ``config``."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    marker = state_dir / STATE_CONFIG_NAME
+    if marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        if _config_key(saved) != _config_key(config.to_dict()):
+            raise ValueError(f"--state_dir {state_dir} holds a build with other settings ({marker}); resume it with "
+                             "the same flags/recipe or choose an empty --state_dir")
+    else:
+        marker.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _vae_stage(pipe, images, check_images, check_specs, config: TeacherConfig, state_dir: Path,
+               reuse_vae_from: Optional[Path], progress: bool, log) -> tuple[dict, str]:
+    """Train the VAE (or load it from ``state_dir``/``reuse_vae_from``); returns (report, source)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    saved = state_dir / "vae"
+    source = "trained"
+    if not (saved / "config.json").is_file() and reuse_vae_from is not None:
+        info = read_build_info(reuse_vae_from)
+        if info is None or _vae_key(info.get("config", {})) != _vae_key(config.to_dict()):
+            raise ValueError(f"--reuse_vae_from {reuse_vae_from}: its VAE was built with other VAE settings (or it "
+                             f"has no {BUILD_INFO_NAME}); drop the flag to train the VAE")
+        AutoencoderKL.from_pretrained(Path(reuse_vae_from) / "vae").save_pretrained(saved)
+        source = f"reused from {Path(reuse_vae_from).name} (same VAE settings)"
+    if (saved / "config.json").is_file():
+        pipe.vae = AutoencoderKL.from_pretrained(saved).eval().requires_grad_(False)
+        report = json.loads((saved / "vae_report.json").read_text()) if (saved / "vae_report.json").is_file() else None
+        if report is None:
+            report = vae_reconstruction_report(pipe.vae, check_images, check_specs)
+            report.update({"shift_factor": pipe.vae.config.shift_factor,
+                           "scaling_factor": pipe.vae.config.scaling_factor, "final_l1": None})
+        return report, source if source != "trained" else "resumed from the state folder"
+    torch.manual_seed(config.seed)
+    history = train_vae(pipe.vae, images, config, progress, log)
+    shift, scale = vae_statistics(pipe.vae, images[:4096])
+    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    report = vae_reconstruction_report(pipe.vae, check_images, check_specs)
+    report.update({"shift_factor": shift, "scaling_factor": scale,
+                   "final_l1": history[-1]["l1"] if history else None})
+    pipe.vae.save_pretrained(saved)
+    (saved / "vae_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report, source
+
+
 def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, progress: bool = True,
-                  evaluate: bool = True) -> dict:
+                  evaluate: bool = True, state_dir: Optional[PathLike] = None, budget: Optional[Budget] = None,
+                  reuse_vae_from: Optional[PathLike] = None) -> dict:
     """Build the teacher pipeline into ``output_dir`` (replacing it) and return the build report.
 
     Stages (times in the report): pipeline skeleton → VAE training → latent statistics and
-    reconstruction check → latents/text embeddings of the training set → flow-matching training →
-    save (float16 transformer) → reload and score ``eval_steps``-step samples of held-out prompts.
+    reconstruction check → latents/text embeddings of the training set → flow-matching training (with the
+    text encoders when ``train_text_encoders``) → guidance distillation (``distill_steps``) → save (float16
+    transformer) → reload and score ``eval_steps``-step samples of held-out prompts.
+
+    With ``state_dir`` every stage keeps its resumable state there (VAE folder, ``flow.pt``,
+    ``distill.pt``); a later call with the same config continues where the last one stopped, bit-identically.
+    With ``budget`` the call stops when it runs out and returns ``{"status": "paused", ...}`` without
+    writing ``output_dir``. ``reuse_vae_from``: take the VAE of a teacher folder built with the same VAE
+    settings instead of training it again.
     """
     import torch
     from diffusers import FluxPipeline
@@ -527,18 +884,26 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
 
     config = config or TeacherConfig()
     config.validate()
+    if budget is not None and state_dir is None:
+        raise ValueError("a time/step budget needs a state folder to resume from (pass --state_dir)")
     output_dir = Path(output_dir).resolve()
     flux_config = TinyFluxConfig(**{**config.flux, "axes_dims_rope": tuple(config.flux["axes_dims_rope"])})
     timings: dict[str, float] = {}
     started = time.perf_counter()
     tmp = _tmp_sibling(output_dir)
+    state = Path(state_dir).resolve() if state_dir is not None else tmp / "state"
+    _open_state_dir(state, config)
     log_lines: list[str] = []
+    log_path = state / "train_log.jsonl"
 
     def log(entry: dict) -> None:
-        log_lines.append(json.dumps(entry))
+        line = json.dumps(entry)
+        log_lines.append(line)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
     try:
-        # 1. skeleton: tokenizers, frozen random text encoders, scheduler, untrained VAE/transformer
+        # 1. skeleton: tokenizers, text encoders (random), scheduler, untrained VAE/transformer
         t0 = time.perf_counter()
         build_tiny_flux_pipeline(tmp / "skeleton", seed=config.seed, config=flux_config)
         pipe = FluxPipeline.from_pretrained(tmp / "skeleton", dtype=torch.float32)
@@ -567,25 +932,21 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
 
         # 3. VAE
         t0 = time.perf_counter()
-        torch.manual_seed(config.seed)
-        vae_history = train_vae(pipe.vae, images, config, progress, log)
-        shift, scale = vae_statistics(pipe.vae, images[:4096])
-        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-        vae_report = vae_reconstruction_report(pipe.vae, check_images, check_specs)
-        vae_report.update({"shift_factor": shift, "scaling_factor": scale,
-                           "final_l1": vae_history[-1]["l1"] if vae_history else None})
+        vae_report, vae_source = _vae_stage(pipe, images, check_images, check_specs, config, state,
+                                            Path(reuse_vae_from) if reuse_vae_from else None, progress, log)
         if progress:
-            print(f"VAE trained: mean |error| {vae_report['mean_abs_error_8bit']:.2f}/255, scorer accuracy on "
+            print(f"VAE ({vae_source}): mean |error| {vae_report['mean_abs_error_8bit']:.2f}/255, scorer accuracy on "
                   f"reconstructions {100 * vae_report['scorer_accuracy_reconstructed']:.1f}%", file=sys.stderr)
         timings["vae_s"] = time.perf_counter() - t0
 
-        # 4. latents + text embeddings through the trainers' own conditioner
+        # 4. latents + text (embeddings, or token ids when the encoders train) through the trainers' conditioner
         t0 = time.perf_counter()
         conditioner = FluxConditioner(pipe, "cpu", config.max_sequence_length)
         latents = _encode_latents(conditioner, images, progress=progress)
         lat_std = float(latents.std())
-        embeds, pooled, caption_index = _encode_captions(conditioner, captions, progress=progress)
-        uncond_embeds, uncond_pooled, txt_ids = conditioner.encode_prompts([UNCONDITIONAL_PROMPT])
+        unique = sorted(set(captions))
+        caption_index = torch.tensor(_index_of(captions, unique), dtype=torch.long)
+        txt_ids = conditioner.encode_prompts([UNCONDITIONAL_PROMPT])[2]
         img_ids = conditioner.image_ids(config.resolution, config.resolution)
         del images
         timings["encode_s"] = time.perf_counter() - t0
@@ -595,21 +956,50 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
         torch.manual_seed(config.seed)
         if config.adaln_zero_init:
             adaln_zero_init(pipe.transformer)
-        state, tf_history = train_transformer(pipe.transformer, latents, embeds, pooled, caption_index, uncond_embeds,
-                                              uncond_pooled, txt_ids, img_ids, config, progress, log)
-        pipe.transformer.load_state_dict(state)
+        modules = {"transformer": pipe.transformer}
+        if config.train_text_encoders:
+            text = TrainableText(pipe, unique, config.max_sequence_length)
+            modules.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+        else:
+            text = _frozen_text(conditioner, unique, progress)
+        flow = run_flow_matching(modules, text, latents, caption_index, txt_ids, img_ids, config,
+                                 state / "flow.pt" if state_dir is not None else None, budget, progress, log)
         timings["transformer_s"] = time.perf_counter() - t0
+        if not flow.done:
+            return _paused(state, "flow_matching", flow)
+        for key, module in modules.items():
+            module.load_state_dict(flow.ema[key])
+            module.eval().requires_grad_(False)
+        history = flow.history
 
-        # 6. save: float16 transformer (loaded back as float32 by diffusers), float32 elsewhere
+        # 6. guidance distillation: the student (from the CFG teacher) takes the CFG scale as its guidance input
+        if config.distill_steps:
+            import copy
+
+            t0 = time.perf_counter()
+            teacher = copy.deepcopy(pipe.transformer)
+            frozen = _frozen_text(conditioner, unique, progress)
+            distilled = run_guidance_distillation(pipe.transformer, teacher, frozen, latents, caption_index, txt_ids,
+                                                  img_ids, config,
+                                                  state / "distill.pt" if state_dir is not None else None,
+                                                  budget, progress, log)
+            timings["distill_s"] = time.perf_counter() - t0
+            if not distilled.done:
+                return _paused(state, "guidance_distillation", distilled)
+            pipe.transformer.load_state_dict(distilled.ema["transformer"])
+            del teacher
+            history = distilled.history
+
+        # 7. save: float16 transformer (loaded back as float32 by diffusers), float32 elsewhere
         t0 = time.perf_counter()
         final = tmp / "pipeline"
         pipe.transformer.to(torch.float16)
         pipe.save_pretrained(final, safe_serialization=True)
         (final / "logs").mkdir()
-        (final / "logs" / "teacher_train.jsonl").write_text("\n".join(log_lines) + "\n", encoding="utf-8")
+        (final / "logs" / "teacher_train.jsonl").write_text(_full_log(log_path, log_lines), encoding="utf-8")
         timings["save_s"] = time.perf_counter() - t0
 
-        # 7. score what was saved
+        # 8. score what was saved
         evaluation = None
         if evaluate and config.eval_prompts_per_tag > 0 and config.eval_samples > 0:
             t0 = time.perf_counter()
@@ -628,9 +1018,13 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
             "latent_std": lat_std,
             "transformer": {"parameters": sum(p.numel() for p in pipe.transformer.parameters()),
                             "stored_dtype": "float16", "timestep_scale": 1000,
-                            "final_loss_smoothed": tf_history[-1]["loss_smoothed"] if tf_history else None},
+                            "final_loss_smoothed": history[-1]["loss_smoothed"] if history else None},
             "evaluation": evaluation,
         }
+        if vae_source != "trained":
+            info["vae_source"] = vae_source
+        if state_dir is not None:
+            info["timings_note"] = "timings of the last (resumed) call only; see the state folder's train_log.jsonl"
         (final / BUILD_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         _publish(final, output_dir)
         return info
@@ -638,22 +1032,105 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def snapshot_pipeline(state_dir: PathLike, output_dir: PathLike) -> dict:
+    """Write the EMA weights of an unfinished (or finished) staged build in ``state_dir`` as a
+    ``FluxPipeline`` folder, to score a build between stages. Returns ``{"stage", "step", "total"}``.
+
+    The latest stage with a checkpoint wins: ``distill.pt`` (guidance-distilled transformer) over
+    ``flow.pt`` (CFG teacher; text encoders from it in both cases).
+    """
+    import torch
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    from data.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+
+    state_dir, output_dir = Path(state_dir), Path(output_dir)
+    if not (state_dir / "flow.pt").is_file():
+        raise ValueError(f"{state_dir} has no flow.pt yet: nothing to snapshot")
+    config = TeacherConfig(**json.loads((state_dir / STATE_CONFIG_NAME).read_text(encoding="utf-8")))
+    flux_config = TinyFluxConfig(**{**config.flux, "axes_dims_rope": tuple(config.flux["axes_dims_rope"])})
+    tmp = _tmp_sibling(output_dir)
+    try:
+        build_tiny_flux_pipeline(tmp / "skeleton", seed=config.seed, config=flux_config)
+        pipe = FluxPipeline.from_pretrained(tmp / "skeleton", dtype=torch.float32)
+        pipe.vae = AutoencoderKL.from_pretrained(state_dir / "vae")
+        modules = {"transformer": pipe.transformer}
+        if config.train_text_encoders:
+            modules.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+        stage = "flow_matching"
+        flow = torch.load(state_dir / "flow.pt", map_location="cpu", weights_only=False)
+        _load_ema(modules, flow)
+        step, total = flow["step"], config.steps
+        if (state_dir / "distill.pt").is_file():
+            distill = torch.load(state_dir / "distill.pt", map_location="cpu", weights_only=False)
+            _load_ema({"transformer": pipe.transformer}, distill)
+            stage, step, total = "guidance_distillation", distill["step"], config.distill_steps
+        pipe.transformer.to(torch.float16)
+        pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
+        _publish(tmp / "pipeline", output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"stage": stage, "step": step, "total": total}
+
+
+def _load_ema(modules: dict, checkpoint: dict) -> None:
+    """Load an :func:`optimise` checkpoint's EMA into ``modules`` (the same modules, in the same order)."""
+    import torch
+
+    for key, module in modules.items():
+        module.load_state_dict(checkpoint["modules"][key])
+    params = [p for m in modules.values() for p in m.parameters()]
+    with torch.no_grad():
+        for p, e in zip(params, checkpoint["ema"], strict=True):
+            p.copy_(e)
+
+
+def _index_of(captions: Sequence[str], unique: Sequence[str]) -> list[int]:
+    lookup = {c: i for i, c in enumerate(unique)}
+    return [lookup[c] for c in captions]
+
+
+def _frozen_text(conditioner, unique: Sequence[str], progress: bool) -> FrozenText:
+    """Precomputed embeddings of the (sorted) unique captions and of the unconditional prompt."""
+    embeds, pooled, _ = _encode_captions(conditioner, unique, progress=progress)
+    uncond_embeds, uncond_pooled, _ = conditioner.encode_prompts([UNCONDITIONAL_PROMPT])
+    return FrozenText(embeds, pooled, uncond_embeds, uncond_pooled)
+
+
+def _full_log(log_path: Path, fallback: Sequence[str]) -> str:
+    lines = log_path.read_text(encoding="utf-8").splitlines() if log_path.is_file() else list(fallback)
+    return "\n".join(lines) + "\n"
+
+
+def _paused(state: Path, stage: str, result: StageResult) -> dict:
+    info = {"status": "paused", "stage": stage, "step": result.step, "total": result.total,
+            "state_dir": str(state), "loss_smoothed": result.history[-1]["loss_smoothed"] if result.history else None}
+    (state / "progress.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
 def _config_key(config: dict) -> str:
-    """Fields that change the weights (evaluation settings excluded)."""
-    return json.dumps({k: v for k, v in config.items() if not k.startswith("eval_")}, sort_keys=True)
+    """Fields that change the weights (evaluation settings excluded). Fields missing from ``config``
+    (build infos written before they existed) take their defaults, which reproduce the older builds."""
+    defaults = TeacherConfig().to_dict()
+    full = {**defaults, **config}
+    return json.dumps({k: v for k, v in full.items() if not k.startswith("eval_")}, sort_keys=True)
 
 
 def ensure_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, force: bool = False,
-                   progress: bool = True, evaluate: bool = True) -> tuple[Path, dict, bool]:
+                   progress: bool = True, evaluate: bool = True, state_dir: Optional[PathLike] = None,
+                   budget: Optional[Budget] = None, reuse_vae_from: Optional[PathLike] = None
+                   ) -> tuple[Path, dict, bool]:
     """Reuse the teacher in ``output_dir`` when it was built with ``config``; else (or with ``force``)
-    build it. Returns ``(folder, build_info, rebuilt)``."""
-    config = config or TeacherConfig()
+    build it (see :func:`build_teacher` for the other arguments). Returns ``(folder, build_info, rebuilt)``;
+    a build stopped by ``budget`` returns the ``{"status": "paused"}`` report as ``build_info``."""
+    config = config or teacher_recipe()
     folder = Path(output_dir).resolve()
     info = read_build_info(folder)
     if (not force and info is not None and (folder / "model_index.json").is_file()
             and _config_key(info.get("config", {})) == _config_key(config.to_dict())):
         return folder, info, False
-    return folder, build_teacher(folder, config, progress, evaluate), True
+    return folder, build_teacher(folder, config, progress, evaluate, state_dir, budget, reuse_vae_from), True
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,39 +1138,73 @@ def ensure_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None,
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    defaults = TeacherConfig()
     p = argparse.ArgumentParser(
         prog="python -m evaluation.shapes.teacher",
-        description="Build (train) the shapes-world FLUX teacher pipeline: a VAE trained on rendered shapes, frozen "
-                    "random text encoders, a FluxTransformer2DModel trained by flow matching. Writes a FluxPipeline "
-                    f"folder with {BUILD_INFO_NAME} (timings, VAE reconstruction check, held-out score).",
+        description="Build (train) the shapes-world FLUX teacher pipeline: a VAE trained on rendered shapes, CLIP/T5 "
+                    "text encoders (random and frozen in recipe v1, trained with the transformer in v2), a "
+                    "FluxTransformer2DModel trained by flow matching (v2: with caption dropout, then guidance-"
+                    "distilled as FLUX-dev). Writes a FluxPipeline folder with "
+                    f"{BUILD_INFO_NAME} (timings, VAE reconstruction check, held-out score). Long builds run in "
+                    "stages: give --state_dir and --max_minutes, and run the same command again to continue.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", required=True, help="pipeline folder to write (replaced atomically when done)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of every random choice of the build")
+    p.add_argument("--recipe", choices=RECIPES, default=COMMITTED_RECIPE,
+                   help="build recipe (see teacher_recipe); the default is the committed teacher's")
+    p.add_argument("--seed", type=int, default=None, help="seed of every random choice of the build (default: 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, i.e. OMP_NUM_THREADS); the same seed and thread "
-                        "count give identical weights")
-    p.add_argument("--num_images", type=int, default=defaults.num_images, help="rendered training images")
-    p.add_argument("--vae_steps", type=int, default=defaults.vae_steps, help="VAE optimizer steps")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="flow-matching optimizer steps of the transformer")
-    p.add_argument("--batch_size", type=int, default=defaults.batch_size, help="flow-matching batch size")
-    p.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="flow-matching peak LR")
-    p.add_argument("--eval_prompts_per_tag", type=int, default=defaults.eval_prompts_per_tag,
-                   help="held-out prompts per GenEval tag scored after the build (0: skip scoring)")
-    p.add_argument("--eval_samples", type=int, default=defaults.eval_samples, help="samples per held-out prompt")
+                        "count give identical weights. On a busy machine use 1: two threads that wait for each "
+                        "other can run many times slower than one")
+    for name, kind, text in (("num_images", int, "rendered training images"),
+                             ("vae_steps", int, "VAE optimizer steps"),
+                             ("steps", int, "flow-matching optimizer steps of the transformer"),
+                             ("batch_size", int, "flow-matching batch size"),
+                             ("learning_rate", float, "flow-matching peak LR"),
+                             ("distill_steps", int, "guidance-distillation steps (0: none)"),
+                             ("eval_prompts_per_tag", int, "held-out prompts per GenEval tag scored after the build "
+                                                          "(0: skip scoring)"),
+                             ("eval_samples", int, "samples per held-out prompt")):
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: the recipe's)")
+    p.add_argument("--state_dir", default=None,
+                   help="folder for the resumable state of every stage (VAE, flow.pt, distill.pt); the same command "
+                        "with the same folder continues an interrupted or --max_minutes-stopped build exactly")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="stop after this many minutes of training in this call, saving the state (needs --state_dir)")
+    p.add_argument("--max_steps_per_call", type=int, default=None,
+                   help="stop after this many optimizer steps in this call, saving the state (needs --state_dir)")
+    p.add_argument("--reuse_vae_from", default=None,
+                   help="teacher folder whose VAE was built with the same VAE settings: use it instead of training "
+                        "the VAE again (recorded in the build info)")
+    p.add_argument("--snapshot_from", default=None,
+                   help="instead of training, write OUTPUT_DIR from the EMA weights in this --state_dir folder (to "
+                        "score an unfinished staged build, e.g. with python -m evaluation.shapes.diagnose)")
     p.add_argument("--reuse", action="store_true",
                    help="keep OUTPUT_DIR when it already holds a teacher built with the same settings")
     p.add_argument("--no_progress", action="store_true", help="disable progress bars")
     return p.parse_args(argv)
 
 
+def config_from_args(args: argparse.Namespace) -> TeacherConfig:
+    """The recipe's config with the command-line overrides."""
+    config = teacher_recipe(args.recipe)
+    overrides = {k: getattr(args, k) for k in ("seed", "num_images", "vae_steps", "steps", "batch_size",
+                                                "learning_rate", "distill_steps", "eval_prompts_per_tag",
+                                                "eval_samples") if getattr(args, k) is not None}
+    return replace(config, **overrides)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    config = replace(TeacherConfig(), seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
-                     steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                     eval_prompts_per_tag=args.eval_prompts_per_tag, eval_samples=args.eval_samples)
+    config = config_from_args(args)
+    budget = None
+    if args.max_minutes is not None or args.max_steps_per_call is not None:
+        if args.state_dir is None:
+            print("error: --max_minutes/--max_steps_per_call need --state_dir (where the build resumes from)",
+                  file=sys.stderr)
+            return 2
+        budget = Budget(args.max_minutes, args.max_steps_per_call)
     try:
         config.validate()
     except ValueError as exc:
@@ -707,7 +1218,25 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    folder, info, rebuilt = ensure_teacher(out, config, force=not args.reuse, progress=not args.no_progress)
+    if args.snapshot_from is not None:
+        try:
+            where = snapshot_pipeline(args.snapshot_from, out)
+        except (ValueError, OSError) as exc:
+            print(f"error: --snapshot_from: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} from {args.snapshot_from}: {where['stage']} step {where['step']}/{where['total']}")
+        return 0
+    try:
+        folder, info, rebuilt = ensure_teacher(out, config, force=not args.reuse, progress=not args.no_progress,
+                                               state_dir=args.state_dir, budget=budget,
+                                               reuse_vae_from=args.reuse_vae_from)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if info.get("status") == "paused":
+        print(f"paused in {info['stage']} at step {info['step']}/{info['total']}; state in {info['state_dir']} "
+              "(run the same command again to continue)")
+        return 0
     verb = "built" if rebuilt else "reused"
     print(f"{verb} teacher at {folder}")
     if rebuilt:

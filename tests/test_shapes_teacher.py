@@ -1,0 +1,234 @@
+"""The shapes teacher builder's recipe-v2 parts (evaluation/shapes/teacher.py): resumable optimisation,
+text encoders trained through the pipeline's own encoding path, classifier-free guidance and guidance
+distillation. The slow test runs a whole micro v2 build interrupted and resumed."""
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.shapes import teacher as T
+
+
+def _toy_config(**kw) -> T.TeacherConfig:
+    return replace(T.TeacherConfig(), max_grad_norm=10.0, ema_decay=0.9, **kw)
+
+
+def _toy_run(checkpoint: Path | None, total: int, budget: T.Budget | None = None):
+    """A linear regression trained by optimise(): the batch, and a dropout mask from the global RNG."""
+    torch.manual_seed(5)
+    model = torch.nn.Linear(3, 2)
+    gen = torch.Generator().manual_seed(1)
+    w_true = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]])
+
+    def loss_fn(step: int):
+        x = torch.randn(8, 3, generator=gen)
+        keep = torch.nn.functional.dropout(torch.ones(8, 1), 0.25)  # global RNG, restored on resume
+        return ((model(x) - x @ w_true.T) * keep).square().mean()
+
+    result = T.optimise("toy", {"m": model}, loss_fn, total, lambda s: 0.05, gen, _toy_config(), checkpoint, budget,
+                        progress=False)
+    return model, result
+
+
+def test_optimise_resumes_bit_identically(tmp_path):
+    straight, full = _toy_run(None, 10)
+    ckpt = tmp_path / "toy.pt"
+    _, paused = _toy_run(ckpt, 10, T.Budget(max_steps=4))
+    assert not paused.done and paused.step == 4 and paused.ema is None and ckpt.is_file()
+    resumed, done = _toy_run(ckpt, 10, T.Budget(max_steps=100))
+    assert done.done and done.step == 10
+    assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
+    for name, value in full.ema["m"].items():
+        assert torch.equal(done.ema["m"][name], value), name
+    # the EMA is a real average: not the final weights, and closer to them than the initial ones
+    assert not torch.equal(full.ema["m"]["weight"], straight.weight)
+
+
+def test_ema_state_covers_tied_weights():
+    """T5 ties ``shared`` and ``encoder.embed_tokens``: both names must carry the EMA."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    params = list(model.parameters())
+    ema = [torch.full_like(p, 0.5) for p in params]
+    state = T._ema_state_dicts({"t5": model}, params, ema)["t5"]
+    assert torch.all(state["shared.weight"] == 0.5) and torch.all(state["encoder.embed_tokens.weight"] == 0.5)
+    assert not torch.all(model.shared.weight == 0.5)  # the module keeps its trained weights
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    from diffusers import FluxPipeline
+
+    from data.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+
+    cfg = T.TeacherConfig().flux
+    folder = build_tiny_flux_pipeline(tmp_path_factory.mktemp("skeleton") / "p", seed=0,
+                                      config=TinyFluxConfig(**{**cfg, "axes_dims_rope": tuple(cfg["axes_dims_rope"])}))
+    return FluxPipeline.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_trainable_text_encodes_exactly_as_the_pipeline(tiny_pipe):
+    captions = ["a photo of a red square and a green circle", "a photo of three blue triangles"]
+    text = T.TrainableText(tiny_pipe, captions, max_sequence_length=16)
+    with torch.no_grad():
+        enc, pooled = text.encode(torch.tensor([0, 1, text.uncond]))
+        ref_enc, ref_pooled, _ = tiny_pipe.encode_prompt(captions + [T.UNCONDITIONAL_PROMPT], prompt_2=None,
+                                                         max_sequence_length=16)
+    assert torch.equal(enc, ref_enc) and torch.equal(pooled, ref_pooled)
+    # dropped captions become the unconditional prompt
+    with torch.no_grad():
+        enc2, _ = text(torch.tensor([0, 1]), torch.tensor([True, False]))
+    assert torch.equal(enc2[0], ref_enc[2]) and torch.equal(enc2[1], ref_enc[1])
+    # and gradients reach both encoders
+    tiny_pipe.text_encoder.requires_grad_(True)
+    tiny_pipe.text_encoder_2.requires_grad_(True)
+    enc, pooled = text.encode(torch.tensor([0]))
+    (enc.square().sum() + pooled.square().sum()).backward()
+    assert tiny_pipe.text_encoder_2.shared.weight.grad.abs().sum() > 0
+    assert tiny_pipe.text_encoder.get_input_embeddings().weight.grad.abs().sum() > 0
+    tiny_pipe.text_encoder.requires_grad_(False).zero_grad()
+    tiny_pipe.text_encoder_2.requires_grad_(False).zero_grad()
+
+
+class _LinearInText(torch.nn.Module):
+    """A stand-in flow model: v = hidden_states + mean of the text tokens (closed form for v_c, v_u)."""
+
+    def forward(self, hidden_states, timestep, guidance, encoder_hidden_states, pooled_projections, txt_ids, img_ids,
+                return_dict=False):
+        assert torch.all(guidance == 1.0)
+        return (hidden_states + encoder_hidden_states.mean(dim=(1, 2))[:, None, None],)
+
+
+def test_cfg_velocity_closed_form():
+    z = torch.randn(3, 4, 2)
+    cond = (torch.full((3, 5, 6), 2.0), torch.zeros(3, 7))
+    uncond = (torch.full((1, 5, 6), -1.0), torch.zeros(1, 7))
+    w = torch.tensor([1.0, 3.0, 6.0])
+    v = T.cfg_velocity(_LinearInText(), z, torch.rand(3), 1.0, cond, uncond, w, None, None)
+    # v_c = z + 2, v_u = z − 1, so v_u + w·(v_c − v_u) = z − 1 + 3w
+    assert torch.allclose(v, z + (3 * w - 1)[:, None, None])
+
+
+def test_guidance_distillation_teaches_the_guidance_input(tiny_pipe):
+    """A FLUX transformer distilled from a CFG teacher answers the guidance input with the CFG scale:
+    s(g=5) − s(g=1) approaches 4·(v_c − v_u) on the training batch."""
+    from model.flux_io import FluxConditioner
+
+    torch.manual_seed(0)
+    teacher = copy.deepcopy(tiny_pipe.transformer).eval()
+    student = copy.deepcopy(teacher)
+    cond = FluxConditioner(tiny_pipe, "cpu", 16)
+    text = T._frozen_text(cond, ["a photo of a red square", "a photo of two green circles"], progress=False)
+    latents = torch.randn(2, 64, 32)
+    caption_index = torch.tensor([0, 1])
+    txt_ids, img_ids = cond.encode_prompts([" "])[2], cond.image_ids(64, 64)
+    config = replace(T.teacher_recipe("v2"), distill_steps=60, distill_batch_size=4, distill_warmup_steps=1,
+                     distill_learning_rate=3e-3, caption_dropout=0.0, ema_decay=0.0)
+    z = torch.randn(2, 64, 32)
+    t = torch.full((2,), 0.6)
+
+    def guidance_gap(model):
+        with torch.no_grad():
+            out = [model(hidden_states=z, timestep=t, guidance=torch.full((2,), g), encoder_hidden_states=text.embeds,
+                         pooled_projections=text.pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+                   for g in (1.0, 5.0)]
+        return out[1] - out[0]
+
+    with torch.no_grad():
+        ones = torch.ones(2)
+        want = 4 * (T.cfg_velocity(teacher, z, t, 1.0, (text.embeds, text.pooled),
+                                   (text.uncond_embeds, text.uncond_pooled), 2 * ones, txt_ids, img_ids)
+                    - T.cfg_velocity(teacher, z, t, 1.0, (text.embeds, text.pooled),
+                                     (text.uncond_embeds, text.uncond_pooled), ones, txt_ids, img_ids))
+    before = (guidance_gap(student) - want).norm() / want.norm()
+    result = T.run_guidance_distillation(student, teacher, text, latents, caption_index, txt_ids, img_ids, config,
+                                         progress=False)
+    student.load_state_dict(result.ema["transformer"])
+    after = (guidance_gap(student) - want).norm() / want.norm()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_state_dir_refuses_other_settings_and_budget_needs_it(tmp_path, capsys):
+    T._open_state_dir(tmp_path / "s", T.teacher_recipe("v2"))
+    T._open_state_dir(tmp_path / "s", replace(T.teacher_recipe("v2"), eval_samples=5))  # eval settings: same build
+    with pytest.raises(ValueError, match="other settings"):
+        T._open_state_dir(tmp_path / "s", replace(T.teacher_recipe("v2"), steps=10))
+    assert T.main(["--output_dir", str(tmp_path / "o"), "--max_minutes", "5"]) == 2
+    assert "--state_dir" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="flow_guidance"):
+        replace(T.teacher_recipe("v1"), distill_steps=5).validate()
+
+
+def test_recipes_and_the_committed_key():
+    assert T.teacher_recipe("v1") == T.TeacherConfig()
+    v2 = T.teacher_recipe("v2")
+    assert v2.train_text_encoders and v2.flow_guidance == 1.0 and v2.distill_steps > 0
+    # a build info written before the v2 fields existed keys like the v1 recipe
+    old = {k: v for k, v in T.TeacherConfig().to_dict().items()
+           if k not in ("train_text_encoders", "flow_guidance") and not k.startswith("distill_")}
+    assert T._config_key(old) == T._config_key(T.teacher_recipe("v1").to_dict())
+    assert T._config_key(old) != T._config_key(v2.to_dict())
+    with pytest.raises(ValueError, match="unknown teacher recipe"):
+        T.teacher_recipe("v9")
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_v2_build_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
+    config = replace(T.teacher_recipe("v2"), num_images=24, vae_steps=2, vae_batch_size=4, steps=4, batch_size=4,
+                     warmup_steps=1, distill_steps=4, distill_batch_size=4, distill_warmup_steps=1,
+                     eval_prompts_per_tag=1, eval_samples=1, eval_steps=2, eval_batch_size=6)
+    straight = T.build_teacher(tmp_path / "a", config, progress=False, state_dir=tmp_path / "sa")
+    statuses = []
+    while True:
+        info = T.build_teacher(tmp_path / "b", config, progress=False, state_dir=tmp_path / "sb",
+                               budget=T.Budget(max_steps=3))
+        statuses.append(info.get("status", "complete"))
+        if statuses[-1] == "complete":
+            break
+        assert not (tmp_path / "b").exists()  # a paused build publishes nothing
+        if len(statuses) == 1:  # an unfinished build can be snapshotted and loads as a FluxPipeline
+            from diffusers import FluxPipeline
+
+            where = T.snapshot_pipeline(tmp_path / "sb", tmp_path / "snap")
+            assert where == {"stage": "flow_matching", "step": 3, "total": 4}
+            assert FluxPipeline.from_pretrained(tmp_path / "snap").transformer.config.guidance_embeds
+    assert statuses == ["paused", "paused", "complete"]  # flow 3/4, then 1 + distill 3/4, then distill 1
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    assert set(_hashes(tmp_path / "a")) >= {"transformer/diffusion_pytorch_model.safetensors",
+                                            "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"}
+    assert straight["evaluation"]["total_images"] == 6
+    # a snapshot of the finished state is the published teacher
+    T.snapshot_pipeline(tmp_path / "sa", tmp_path / "snap_a")
+    snap = _hashes(tmp_path / "snap_a")
+    assert all(snap[k] == v for k, v in _hashes(tmp_path / "a").items()), "snapshot differs from the build"
+    # the text encoders were trained: they differ from the skeleton's random ones
+    assert _hashes(tmp_path / "a")["text_encoder_2/model.safetensors"] != _hashes(
+        Path(T.__file__).resolve().parents[2] / "assets" / "shapes_teacher")["text_encoder_2/model.safetensors"]
+
+
+def test_text_binding_report_shows_random_encoders_lose_binding(tiny_pipe):
+    """The diagnosis of issue 12: with random frozen CLIP/T5 (as the v1 teacher's), swapping which
+    colour goes with which shape leaves the set of token vectors the transformer receives almost
+    unchanged, while changing a word does not."""
+    from evaluation.shapes.diagnose import text_binding_report
+
+    report = text_binding_report(tiny_pipe)
+    by_kind: dict[str, list[dict]] = {}
+    for row in report:
+        by_kind.setdefault(row["kind"], []).append(row)
+    assert all(r["bag_cosine"] > 0.99 for r in by_kind["binding"] + by_kind["relation order"])
+    assert all(r["bag_cosine"] < 0.9 for r in by_kind["colour word"] + by_kind["count word"])
+    # the swapped tokens themselves do differ position by position (T5 sees the change; the bag hides it)
+    assert all(r["changed_token_cosine"] < 0.5 for r in by_kind["binding"])
