@@ -67,6 +67,57 @@ def test_table_rows_columns_and_relative_scores():
     assert len(table) == 2 + len(rows)
 
 
+def test_table_prints_the_overall_interval():
+    rows = [_row("teacher", 28, 0.80), dict(_row("sCM", 2, 0.60), overall_interval=[0.512, 0.687])]
+    table = B.format_table(rows, 28).splitlines()
+    assert "95% CI" in table[0]
+    assert [c.strip() for c in table[3].strip("|").split("|")][8] == "**60.0** [51.2, 68.7]"
+    assert [c.strip() for c in table[2].strip("|").split("|")][8] == "**80.0**"  # no interval recorded
+
+
+def test_bootstrap_interval_covers_a_known_proportion_at_the_binomial_rate():
+    """200 Bernoulli(0.3) prompts: the 95 % interval must cover 0.3 in about 95 % of data sets and be as
+    wide as the normal approximation 2·1.96·sqrt(p(1 − p)/n) (an independent closed form)."""
+    rng = np.random.default_rng(0)
+    p, n, trials = 0.3, 200, 300
+    covered, widths = 0, []
+    for k in range(trials):
+        scores = rng.random(n) < p
+        lo, hi = B.bootstrap_interval({"counting": scores.astype(float)}, n_boot=1000, seed=k)
+        covered += lo <= p <= hi
+        widths.append(hi - lo)
+    assert 0.91 <= covered / trials <= 0.985
+    assert np.mean(widths) == pytest.approx(2 * 1.96 * math.sqrt(p * (1 - p) / n), rel=0.08)
+
+
+def test_bootstrap_interval_is_stratified_over_tags():
+    # within each tag every prompt scores the same, so resampling prompts cannot move the overall score
+    # (an unstratified resample of the pooled prompts would)
+    lo, hi = B.bootstrap_interval({"colors": [1.0] * 5, "position": [0.0] * 7})
+    assert lo == hi == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        B.bootstrap_interval({"colors": []})
+
+
+def test_per_prompt_scores_average_the_images_of_each_prompt():
+    rows = [{"tag": "colors", "prompt": "a", "correct": True}, {"tag": "colors", "prompt": "a", "correct": False},
+            {"tag": "colors", "prompt": "b", "correct": True}, {"tag": "position", "prompt": "c", "correct": False}]
+    assert B.per_prompt_scores(rows) == {"colors": [0.5, 1.0], "position": [0.0]}
+
+
+def test_notice_filter_shows_each_notice_once_and_keeps_progress_bars():
+    console = B.NoticeFilter()
+    notice = b"[transformers] `CLIPImageProcessor` requires torchvision (not installed); falling back\n"
+    first = console.filter(notice + b"step 1\n" + b"\rsampling:  50%")
+    assert first == notice + b"step 1\n" + b"\rsampling:  50%"
+    assert console.filter(b"\rsampling: 100%\n" + notice[:20]) == b"\rsampling: 100%\n"  # partial line waits
+    assert console.filter(notice[20:] + b"step 2\n") == b"step 2\n"  # the repeated notice is dropped
+    stamped = b"[2026-12-04 02:14:04,200] [WARNING] [real_accelerator.py:213] Setting accelerator to CPU.\n"
+    assert console.filter(stamped) == stamped
+    assert console.filter(stamped.replace(b"02:14:04,200", b"02:15:09,001")) == b""  # same notice, new time
+    assert console.filter(b"done") == b"" and console.flush() == b"done"
+
+
 def test_grid_columns_round_robin_over_tags():
     metadata = [{"tag": tag, "prompt": f"{tag} {k}"} for tag in TAGS for k in range(3)]
     cols = B.grid_columns(metadata, 8)
@@ -313,7 +364,7 @@ def test_cached_teacher_is_current_and_its_vae_keeps_the_scene():
     assert (folder / "model_index.json").is_file(), f"{folder} is missing: run python -m evaluation.shapes.teacher"
     info = T.read_build_info(folder)
     assert info is not None
-    assert T._config_key(info["config"]) == T._config_key(T.TeacherConfig().to_dict())
+    assert T._config_key(info["config"]) == T._config_key(T.teacher_recipe(T.COMMITTED_RECIPE).to_dict())
     _, reused_info, rebuilt = T.ensure_teacher(folder, progress=False)
     assert not rebuilt and reused_info == info
 

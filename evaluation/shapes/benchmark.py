@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TEACHER_DIR = REPO_ROOT / "assets" / "shapes_teacher"
 #: "By a wide margin": a student must beat the teacher at the same NFE by this much overall score.
@@ -116,8 +118,9 @@ class BenchmarkConfig:
         return max(self.teacher_nfes)
 
 
-#: ``--quick``: the cached teacher, short trainings, few prompts (≤ 10 min on 2 cores).
-QUICK = dict(num_images=1000, heldout_prompts_per_tag=3, n_samples=1, rescale_steps=100, scm_steps=150,
+#: ``--quick``: the cached teacher, short trainings, 204 images a row (34 held-out prompts × 6 tags, enough
+#: for 95 % intervals that separate the models), about 10 min on 2 cores.
+QUICK = dict(num_images=1000, heldout_prompts_per_tag=34, n_samples=1, rescale_steps=100, scm_steps=150,
              meanflow_steps=150, grid_prompts=6)
 
 
@@ -139,6 +142,47 @@ class CommandRecord:
     reused: bool = False
 
 
+class NoticeFilter:
+    """Console filter for the stages' output: a third-party notice (a whole line that reads as a warning)
+    is shown the first time only; every later copy is dropped from the console (the stage logs keep
+    everything). Without it, each of the ~28 CLI processes repeats the same import-time notices."""
+
+    MARKERS = (b"warning", b"[transformers]", b"futurewarning", b"userwarning", b"deprecat")
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+        self.pending = b""
+
+    def _keep(self, line: bytes) -> bool:
+        text = line.strip()
+        if not any(m in text.lower() for m in self.MARKERS):
+            return True
+        # a notice is identified by its text without timestamps/paths that vary between processes
+        key = text.split(b"]", 1)[-1] if text.startswith(b"[20") else text
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+    def filter(self, chunk: bytes) -> bytes:
+        """Bytes of ``chunk`` to show now: complete lines that pass, then any progress-bar remainder."""
+        data = self.pending + chunk
+        out = []
+        while b"\n" in data:
+            line, data = data.split(b"\n", 1)
+            if self._keep(line):
+                out.append(line + b"\n")
+        if b"\r" in data:  # a progress bar redrawing its line: show it now, it is never a notice
+            out.append(data)
+            data = b""
+        self.pending = data
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest if rest and self._keep(rest) else b""
+
+
 class Runner:
     """Runs stage commands as subprocesses, tees their output (progress bars included) to the
     console and ``OUT/logs/<stage>.log``, and skips stages already finished with the same command."""
@@ -157,6 +201,7 @@ class Runner:
                          "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
                          "PYTHONUNBUFFERED": "1"})
         self.env.pop("WORLD_SIZE", None)
+        self.console = NoticeFilter()
 
     def _stamp(self, stage: str) -> Path:
         return self.out / "stages" / f"{stage}.json"
@@ -188,8 +233,10 @@ class Runner:
                     break
                 log.write(chunk)
                 if self.echo:
-                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.buffer.write(self.console.filter(chunk))
                     sys.stderr.flush()
+            if self.echo:
+                sys.stderr.buffer.write(self.console.flush())
             returncode = proc.wait()
         seconds = time.perf_counter() - start
         record = CommandRecord(stage, command, seconds, returncode, str(log_path))
@@ -234,7 +281,42 @@ def score_samples(folder: Path, metadata: list[dict], n_samples: int) -> dict:
     summary = summarize_rows(rows, metadata)
     return {"overall": summary["overall"], "correct_images": summary["correct_images"],
             "total_images": summary["total_images"],
+            "overall_interval": list(bootstrap_interval(per_prompt_scores(rows))),
             "tasks": {tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
+
+
+def per_prompt_scores(rows: Sequence[dict]) -> dict[str, list[float]]:
+    """Scorer rows (one per image) → for each tag, the fraction of correct images of each of its prompts."""
+    prompts: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        key = json.dumps(row.get("metadata", {"prompt": row["prompt"]}), sort_keys=True)
+        prompts.setdefault((row["tag"], key), []).append(int(row["correct"]))
+    out: dict[str, list[float]] = {}
+    for (tag, _), hits in sorted(prompts.items()):
+        out.setdefault(tag, []).append(sum(hits) / len(hits))
+    return out
+
+
+def bootstrap_interval(scores: dict[str, Sequence[float]], level: float = 0.95, n_boot: int = 4000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of GenEval's overall score over prompts.
+
+    overall = mean over tags of (mean over the tag's prompts of the prompt's score); each replicate
+    resamples every tag's prompts with replacement (stratified, as the statistic weights tags equally), so
+    the interval reflects which prompts happened to be drawn — the noise that separates two models scored
+    on the same few prompts. Returns the (1 − level)/2 and (1 + level)/2 quantiles of the replicates.
+    """
+    if not scores or any(len(v) == 0 for v in scores.values()):
+        raise ValueError("bootstrap_interval needs at least one prompt score per tag")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(n_boot)
+    for values in scores.values():
+        arr = np.asarray(values, dtype=np.float64)
+        picks = rng.integers(len(arr), size=(n_boot, len(arr)))
+        means += arr[picks].mean(axis=1)
+    means /= len(scores)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def find_row(rows: Sequence[dict], model: str, nfe: int) -> Optional[dict]:
@@ -274,15 +356,20 @@ def format_table(rows: Sequence[dict], reference_nfe: int = 28) -> str:
     from evaluation.summarize_geneval import TASKS
 
     ref = find_row(rows, "teacher", reference_nfe)
-    header = ["Model", "NFE"] + [title for _, title in TASKS] + ["**Overall**", f"vs teacher@{reference_nfe}"]
+    header = ["Model", "NFE"] + [title for _, title in TASKS] + ["**Overall** [95% CI]", f"vs teacher@{reference_nfe}"]
     lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "|".join("---:" for _ in header[2:]) + "|"]
     for row in rows:
         cells = [MODELS.get(row["model"], row["model"]), str(row["nfe"])]
         cells += [f"{100 * row['tasks'][tag]:.1f}" if tag in row["tasks"] else "—" for tag, _ in TASKS]
-        cells.append(f"**{100 * row['overall']:.1f}**")
+        cells.append(f"**{100 * row['overall']:.1f}**{_interval_text(row)}")
         cells.append(f"{100 * row['overall'] / ref['overall']:.0f}%" if ref and ref["overall"] > 0 else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _interval_text(row: dict) -> str:
+    interval = row.get("overall_interval")
+    return f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else ""
 
 
 def format_targets(targets: Sequence[dict]) -> str:
