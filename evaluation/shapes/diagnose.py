@@ -138,4 +138,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.cli import run_cli
+
+    sys.exit(run_cli(main))  # bad input: one line, status 2

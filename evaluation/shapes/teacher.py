@@ -826,36 +826,37 @@ def _open_state_dir(state_dir: Path, config: TeacherConfig) -> None:
 
 def _vae_stage(pipe, images, check_images, check_specs, config: TeacherConfig, state_dir: Path,
                reuse_vae_from: Optional[Path], progress: bool, log) -> tuple[dict, str]:
-    """Train the VAE (or load it from ``state_dir``/``reuse_vae_from``); returns (report, source)."""
+    """Train the VAE, or take it from ``state_dir`` (a resumed build) or ``reuse_vae_from``; it is kept in
+    ``state_dir/vae`` with its report (reconstruction check and where it came from). Returns (report, source)."""
     import torch
     from diffusers import AutoencoderKL
 
     saved = state_dir / "vae"
-    source = "trained"
-    if not (saved / "config.json").is_file() and reuse_vae_from is not None:
+    report_path = saved / "vae_report.json"
+    if report_path.is_file() and (saved / "config.json").is_file():
+        pipe.vae = AutoencoderKL.from_pretrained(saved).eval().requires_grad_(False)
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        return {k: v for k, v in report.items() if k != "source"}, report.get("source", "trained")
+    if reuse_vae_from is not None:
         info = read_build_info(reuse_vae_from)
         if info is None or _vae_key(info.get("config", {})) != _vae_key(config.to_dict()):
             raise ValueError(f"--reuse_vae_from {reuse_vae_from}: its VAE was built with other VAE settings (or it "
                              f"has no {BUILD_INFO_NAME}); drop the flag to train the VAE")
-        AutoencoderKL.from_pretrained(Path(reuse_vae_from) / "vae").save_pretrained(saved)
+        pipe.vae = AutoencoderKL.from_pretrained(Path(reuse_vae_from) / "vae").eval().requires_grad_(False)
         source = f"reused from {Path(reuse_vae_from).name} (same VAE settings)"
-    if (saved / "config.json").is_file():
-        pipe.vae = AutoencoderKL.from_pretrained(saved).eval().requires_grad_(False)
-        report = json.loads((saved / "vae_report.json").read_text()) if (saved / "vae_report.json").is_file() else None
-        if report is None:
-            report = vae_reconstruction_report(pipe.vae, check_images, check_specs)
-            report.update({"shift_factor": pipe.vae.config.shift_factor,
-                           "scaling_factor": pipe.vae.config.scaling_factor, "final_l1": None})
-        return report, source if source != "trained" else "resumed from the state folder"
-    torch.manual_seed(config.seed)
-    history = train_vae(pipe.vae, images, config, progress, log)
-    shift, scale = vae_statistics(pipe.vae, images[:4096])
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    report = vae_reconstruction_report(pipe.vae, check_images, check_specs)
-    report.update({"shift_factor": shift, "scaling_factor": scale,
-                   "final_l1": history[-1]["l1"] if history else None})
+        report = {**vae_reconstruction_report(pipe.vae, check_images, check_specs),
+                  "shift_factor": pipe.vae.config.shift_factor, "scaling_factor": pipe.vae.config.scaling_factor,
+                  "final_l1": info.get("vae", {}).get("final_l1")}
+    else:
+        torch.manual_seed(config.seed)
+        history = train_vae(pipe.vae, images, config, progress, log)
+        shift, scale = vae_statistics(pipe.vae, images[:4096])
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        source = "trained"
+        report = {**vae_reconstruction_report(pipe.vae, check_images, check_specs), "shift_factor": shift,
+                  "scaling_factor": scale, "final_l1": history[-1]["l1"] if history else None}
     pipe.vae.save_pretrained(saved)
-    (saved / "vae_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report_path.write_text(json.dumps({**report, "source": source}, indent=2) + "\n", encoding="utf-8")
     return report, source
 
 
@@ -1252,4 +1253,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.cli import run_cli
+
+    sys.exit(run_cli(main))  # bad input: one line, status 2
