@@ -642,6 +642,20 @@ def _ema_state_dicts(modules: dict, params: list, ema: list) -> dict:
     return out
 
 
+def draw_flow_batch(generator, latents, caption_index, text, batch: int, caption_dropout: float):
+    """One training batch, in a fixed order of draws from ``generator`` (resumes depend on it): image rows,
+    caption-dropout mask, flow times, noise. Returns (x₀, T5 states, pooled CLIP, t, ε)."""
+    import torch
+
+    idx = torch.randint(latents.shape[0], (batch,), generator=generator)
+    x0 = latents[idx]
+    drop = torch.rand(batch, generator=generator) < caption_dropout
+    enc, pooled = text(caption_index[idx], drop)
+    t = sample_flow_times(batch, generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    return x0, enc, pooled, t, eps
+
+
 def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_ids, config: TeacherConfig,
                       checkpoint: Optional[Path] = None, budget: Optional[Budget] = None, progress: bool = True,
                       log: Optional[Callable[[dict], None]] = None) -> StageResult:
@@ -656,18 +670,13 @@ def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_
 
     transformer = modules["transformer"]
     gen = torch.Generator().manual_seed(config.seed * 7919 + 2)
-    n, b = latents.shape[0], config.batch_size
+    b = config.batch_size
 
     def lr_at(step: int) -> float:
         return warmup_cosine_lr(step, config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio)
 
     def loss_fn(step: int):
-        idx = torch.randint(n, (b,), generator=gen)
-        x0 = latents[idx]
-        drop = torch.rand(b, generator=gen) < config.caption_dropout
-        enc, pooled = text(caption_index[idx], drop)
-        t = sample_flow_times(b, gen)
-        eps = torch.randn(x0.shape, generator=gen)
+        x0, enc, pooled, t, eps = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout)
         if config.flow_guidance is None:
             g = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(b, generator=gen)
         else:
@@ -715,7 +724,7 @@ def run_guidance_distillation(student, teacher, text: FrozenText, latents, capti
 
     gen = torch.Generator().manual_seed(config.seed * 7919 + 3)
     teacher.eval().requires_grad_(False)
-    n, b = latents.shape[0], config.distill_batch_size
+    b = config.distill_batch_size
     uncond = (text.uncond_embeds, text.uncond_pooled)
 
     def lr_at(step: int) -> float:
@@ -723,12 +732,7 @@ def run_guidance_distillation(student, teacher, text: FrozenText, latents, capti
                                 config.distill_learning_rate, config.min_lr_ratio)
 
     def loss_fn(step: int):
-        idx = torch.randint(n, (b,), generator=gen)
-        x0 = latents[idx]
-        drop = torch.rand(b, generator=gen) < config.caption_dropout
-        enc, pooled = text(caption_index[idx], drop)
-        t = sample_flow_times(b, gen)
-        eps = torch.randn(x0.shape, generator=gen)
+        x0, enc, pooled, t, eps = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout)
         lo, hi = config.distill_guidance_min, config.distill_guidance_max
         w = lo + (hi - lo) * torch.rand(b, generator=gen)
         tb = t[:, None, None]
