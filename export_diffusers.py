@@ -1,17 +1,24 @@
-r"""Turn a training checkpoint into a diffusers pipeline folder for SCMFluxPipeline / MeanFlowFluxPipeline.
+r"""Turn a training checkpoint into a diffusers pipeline folder that loads with or without this repository.
 
     python export_diffusers.py --method scm --checkpoint OUT/ckpts/transformer_10000.pt \
         --pretrained_model_name_or_path Freepik/flux.1-lite-8B --output_dir exports/scm-10000
 
-The folder holds the student ``transformer/`` (our config incl. ``timestep_scale`` and
-``interval_embedding``, safetensors weights), the method's ``scheduler/`` (SCMScheduler for sCM, the
-teacher's FlowMatchEulerDiscreteScheduler for MeanFlow), the teacher's VAE, text encoders and
-tokenizers (copied, or symlinked with ``--link symlink``), ``model_index.json`` naming our pipeline
-and transformer classes, and ``export_info.json`` (source checkpoint, step, method).
+``--method scm`` / ``meanflow`` export a student (SCMFluxPipeline / MeanFlowFluxPipeline);
+``--method teacher`` exports a rescaled teacher (``train_rescale.py``'s checkpoint) as a stock
+``FluxPipeline`` around our transformer.  The folder holds the ``transformer/`` (our config incl.
+``timestep_scale`` and ``interval_embedding``, safetensors weights), the method's ``scheduler/``
+(SCMScheduler for sCM, the teacher's FlowMatchEulerDiscreteScheduler otherwise), the teacher's VAE,
+text encoders and tokenizers (copied, or symlinked with ``--link symlink``), ``export_info.json``
+(source checkpoint, step, method), and our code for diffusers' remote-code loading: the pipeline
+modules at the root (``pipeline.py`` and the modules it imports) and ``transformer/transformer.py``.
 
-Reload it with OUR pipeline class (diffusers' generic ``DiffusionPipeline.from_pretrained`` does not
-know it), from a process where this repository is importable (the transformer is recorded as
-``model.pipeline`` / ``DistillFluxTransformer2DModel``)::
+In plain diffusers (this repository not installed)::
+
+    import torch
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("exports/scm-10000", trust_remote_code=True, dtype=torch.bfloat16)
+
+In this repository our classes read the folder with the repository's code (no remote code runs)::
 
     from model.pipeline import SCMFluxPipeline
     pipe = SCMFluxPipeline.from_pretrained("exports/scm-10000", dtype=torch.bfloat16)
@@ -35,7 +42,8 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", choices=["scm", "meanflow"], required=True, help="Which student the checkpoint holds.")
+    p.add_argument("--method", choices=["scm", "meanflow", "teacher"], required=True,
+                   help="What the checkpoint holds: an sCM or MeanFlow student, or a rescaled teacher (FluxPipeline).")
     p.add_argument("--checkpoint", required=True,
                    help="Training export ckpts/transformer_<step>.pt ({'module', 'config', 'step'} or the original "
                         "{'module'}), a .safetensors file, a transformer folder, or a LoRA export ckpts/lora_<step>/.")
@@ -89,13 +97,30 @@ def _checkpoint_dtype(state_dict: dict):
     return torch.float32
 
 
+def _ship_code(folder: Path, pipeline: bool) -> None:
+    """Copy our modules for diffusers' remote-code loading (model.pipeline.REMOTE_CODE_MODULES).
+
+    ``transformer/transformer.py`` defines the transformer class model_index.json names; the pipeline
+    modules go to the root, where diffusers looks for ``<_class_name[0]>.py`` and its relative imports.
+    """
+    from model.pipeline import REMOTE_CODE_MODULES
+
+    package = Path(__file__).resolve().parent / "model"
+    shutil.copyfile(package / "transformer.py", folder / "transformer" / "transformer.py")
+    if pipeline:
+        for name in REMOTE_CODE_MODULES:
+            shutil.copyfile(package / f"{name}.py", folder / f"{name}.py")
+
+
 def export(args: argparse.Namespace) -> Path:
     import torch
     from diffusers import __version__ as diffusers_version
 
     from model.loading import read_checkpoint
     from model.lora import LORA_WEIGHTS, is_lora_folder
-    from model.pipeline import PIPELINES, checkpoint_step, load_student_transformer
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from model.pipeline import PIPELINES, REMOTE_TRANSFORMER_ENTRY, checkpoint_step, load_student_transformer
 
     out = Path(args.output_dir)
     if out.exists() and not args.overwrite:
@@ -119,9 +144,12 @@ def export(args: argparse.Namespace) -> Path:
     adapter = lora and not args.fuse_lora
     if adapter:
         transformer.unload_lora()  # transformer/ holds the base (+ heads); the adapter goes beside it, unfused
-    pipeline_cls = PIPELINES[args.method]
     base_scheduler = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
-    scheduler = pipeline_cls.default_scheduler(base_scheduler)
+    if args.method == "teacher":
+        pipeline_name, scheduler = "FluxPipeline", FlowMatchEulerDiscreteScheduler.from_config(base_scheduler)
+    else:
+        pipeline_name = PIPELINES[args.method].__name__
+        scheduler = PIPELINES[args.method].default_scheduler(base_scheduler)
     if args.method == "scm":
         scheduler = type(scheduler).from_config({**scheduler.config, "sigma_data": args.sigma_data})
 
@@ -143,13 +171,14 @@ def export(args: argparse.Namespace) -> Path:
             else:
                 shutil.copytree(source / name, tmp / name)
         model_index.update({
-            "_class_name": pipeline_cls.__name__,
+            "_class_name": pipeline_name if args.method == "teacher" else ["pipeline", pipeline_name],
             "_diffusers_version": diffusers_version,
-            "transformer": [type(transformer).__module__, type(transformer).__name__],
+            "transformer": list(REMOTE_TRANSFORMER_ENTRY),
             "scheduler": ["diffusers", type(scheduler).__name__],
         })
+        _ship_code(tmp, pipeline=args.method != "teacher")
         (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
-        info = dict(method=args.method, pipeline_class=pipeline_cls.__name__, source_checkpoint=os.path.abspath(ckpt.path),
+        info = dict(method=args.method, pipeline_class=pipeline_name, source_checkpoint=os.path.abspath(ckpt.path),
                     step=checkpoint_step(ckpt), pretrained_model_name_or_path=args.pretrained_model_name_or_path,
                     timestep_scale=float(transformer.config.timestep_scale), dtype=str(dtype).replace("torch.", ""),
                     components=args.link, lora="adapter" if adapter else "fused" if lora else None)
@@ -159,8 +188,10 @@ def export(args: argparse.Namespace) -> Path:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported {args.method} student (step {info['step']}) to {out}; load it with "
-          f"model.pipeline.{pipeline_cls.__name__}.from_pretrained({str(out)!r})")
+    print(f"exported {args.method} (step {info['step']}) to {out}; load it with DiffusionPipeline.from_pretrained("
+          f"{str(out)!r}, trust_remote_code=True), or in this repository with "
+          f"{'model.pipeline.load_teacher_pipeline' if args.method == 'teacher' else pipeline_name + '.from_pretrained'}"
+          f"({str(out)!r})")
     return out
 
 

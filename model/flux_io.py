@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline
 
-from model.trigflow import FluxInputs
+from .trigflow import FluxInputs
 
 
 def check_resolution(resolution: int, vae_scale_factor: int) -> None:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
-from model.transformer import DistillFluxTransformer2DModel
+from .transformer import DistillFluxTransformer2DModel
 
 # Keys in checkpoints that belong to training-time heads, not to the transformer.
 AUXILIARY_PREFIXES = ("logvar_linear.",)

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.transformer import DistillFluxTransformer2DModel
+from .transformer import DistillFluxTransformer2DModel
 
 ADAPTER_NAME = "student"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -304,7 +304,7 @@ def load_lora_student(folder_path: str | os.PathLike, pretrained_model_name_or_p
 
     The base must be the one the adapter was trained on; the folder records it in ``lora_info.json``.
     """
-    from model.loading import load_flux_transformer, load_transformer_weights
+    from .loading import load_flux_transformer, load_transformer_weights
 
     folder = read_lora_folder(folder_path)
     recorded_pipe, recorded_base = folder.base

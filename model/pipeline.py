@@ -38,10 +38,13 @@ linspace(1, 1/N, N) mapped by the scheduler's shift with μ = ``calculate_shift(
 Loading: ``Pipeline.from_checkpoint(pretrained, checkpoint)`` for a training export
 (``ckpts/transformer_<step>.pt``: {'module', 'config', 'step'}, or the original release's
 {'module'} only), ``Pipeline.from_pretrained(folder)`` for a folder written by
-``export_diffusers.py``.  The exported ``model_index.json`` names ``SCMFluxPipeline`` /
-``MeanFlowFluxPipeline`` and ``DistillFluxTransformer2DModel`` from ``model.pipeline``: diffusers can only
-import those when this repository is on ``sys.path``, and the generic
-``DiffusionPipeline.from_pretrained`` does not know our pipeline class — load with our class.
+``export_diffusers.py``.  Such a folder also loads in plain diffusers, without this repository:
+it ships this package's sampling modules (:data:`REMOTE_CODE_MODULES`) as diffusers "remote code"
+— ``model_index.json`` names ``["pipeline", "SCMFluxPipeline"]`` and the transformer as
+``["transformer", "DistillFluxTransformer2DModel"]`` with ``transformer/transformer.py`` — so
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` runs the shipped copies.  Our
+classes' ``from_pretrained`` reads the same folder with this repository's code instead (no code
+from the folder is executed).  That is why the modules below import each other relatively.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, SCMScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SCMScheduler
 # Folders saved before the transformer's own module exposed ModelMixin name this module as the transformer's
 # library in model_index.json; diffusers' loader finds the class and its loader base class here.
 from diffusers import ModelMixin  # noqa: F401
@@ -60,12 +63,12 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from model.flux_io import check_resolution
-from model.loading import (CheckpointError, LoadedCheckpoint, check_timestep_scale, load_flux_transformer,
+from .flux_io import check_resolution
+from .loading import (CheckpointError, LoadedCheckpoint, check_timestep_scale, load_flux_transformer,
                            load_state_dict_strict, read_checkpoint)
-from model.lora import ADAPTER_NAME, LORA_WEIGHTS, is_lora_folder, load_lora_student, read_lora_folder
-from model.transformer import STOCK_TIMESTEP_SCALE, DistillFluxTransformer2DModel
-from model.trigflow import FluxInputs, TrigFlowFlux, flow_velocity, trig_to_flow_time
+from .lora import ADAPTER_NAME, LORA_WEIGHTS, is_lora_folder, load_lora_student, read_lora_folder
+from .transformer import STOCK_TIMESTEP_SCALE, DistillFluxTransformer2DModel
+from .trigflow import FluxInputs, TrigFlowFlux, flow_velocity, trig_to_flow_time
 
 SCM_SIGMA_DATA = 0.5
 #: The original's start time (diffusers' SCMScheduler default): π/2 rounded up, flow time s ≈ 1 + 4e-6.
@@ -78,6 +81,12 @@ MEANFLOW_SCHEDULES = ("flux", "uniform")
 METHODS = ("scm", "meanflow", "teacher")
 
 INTERVAL_PREFIX = "time_text_embed.interval_embedder."
+#: Modules of this package an exported folder ships for diffusers' trust_remote_code loading: the pipeline
+#: module and everything it imports (diffusers copies the direct relative imports of the entry file).
+REMOTE_CODE_MODULES = ("pipeline", "flux_io", "loading", "lora", "trigflow", "transformer")
+#: model_index.json entries of an exported folder (library = shipped module file, class).
+REMOTE_TRANSFORMER_ENTRY = ["transformer", DistillFluxTransformer2DModel.__name__]
+LOCAL_TRANSFORMER_ENTRY = [DistillFluxTransformer2DModel.__module__, DistillFluxTransformer2DModel.__name__]
 LOGVAR_PREFIX = "logvar_linear."
 _STEP_FROM_NAME = re.compile(r"(\d+)\.(?:pt|pth|bin|safetensors)$")
 
@@ -215,8 +224,11 @@ def load_teacher_pipeline(pretrained_model_name_or_path: str, checkpoint_path: s
         transformer, _ = load_student_transformer(checkpoint_path, pretrained_model_name_or_path, method="teacher",
                                                   timestep_scale=timestep_scale, dtype=dtype, revision=revision)
     transformer.eval().requires_grad_(False)
-    return FluxPipeline.from_pretrained(pretrained_model_name_or_path, transformer=transformer, revision=revision,
-                                        dtype=dtype)
+    # transformer=None, then registered: diffusers would otherwise check the passed transformer against the
+    # library model_index.json names, which for an exported folder is its shipped module (not importable here).
+    pipe = FluxPipeline.from_pretrained(pretrained_model_name_or_path, transformer=None, revision=revision, dtype=dtype)
+    pipe.register_modules(transformer=transformer)
+    return pipe
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +277,7 @@ class _FewStepFluxPipeline(FluxPipeline):
 
     def __init__(self, scheduler, vae, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
-                 transformer: DistillFluxTransformer2DModel, image_encoder=None, feature_extractor=None):
+                 transformer: FluxTransformer2DModel, image_encoder=None, feature_extractor=None):
         super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
                          image_encoder=image_encoder, feature_extractor=feature_extractor)
@@ -286,6 +298,22 @@ class _FewStepFluxPipeline(FluxPipeline):
         problem = _method_error(cls.method, source, has_interval, has_logvar=False)
         if problem:
             raise CheckpointError(problem)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' config reader; an exported folder's remote-code entries are read as this repository's classes.
+
+        ``["pipeline", "<ours>"]`` (the shipped pipeline module) becomes our class name and the shipped
+        transformer module ``model.transformer``, so ``from_pretrained`` in this repository neither needs
+        ``trust_remote_code`` nor runs the folder's copies of our code.
+        """
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config, dict) and list(config.get("_class_name") or []) == ["pipeline", cls.__name__]:
+            config["_class_name"] = cls.__name__
+            if list(config.get("transformer") or []) == REMOTE_TRANSFORMER_ENTRY:
+                config["transformer"] = list(LOCAL_TRANSFORMER_ENTRY)
+        return loaded
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -395,7 +423,7 @@ class SCMFluxPipeline(_FewStepFluxPipeline):
 
     def __init__(self, scheduler: SCMScheduler, vae, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
-                 transformer: DistillFluxTransformer2DModel, image_encoder=None, feature_extractor=None):
+                 transformer: FluxTransformer2DModel, image_encoder=None, feature_extractor=None):
         super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                          image_encoder, feature_extractor)
 
@@ -480,7 +508,7 @@ class MeanFlowFluxPipeline(_FewStepFluxPipeline):
 
     def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
-                 transformer: DistillFluxTransformer2DModel, image_encoder=None, feature_extractor=None):
+                 transformer: FluxTransformer2DModel, image_encoder=None, feature_extractor=None):
         super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                          image_encoder, feature_extractor)
 
@@ -543,6 +571,6 @@ class MeanFlowFluxPipeline(_FewStepFluxPipeline):
 PIPELINES: dict[str, type[_FewStepFluxPipeline]] = {"scm": SCMFluxPipeline, "meanflow": MeanFlowFluxPipeline}
 
 __all__ = ["SCMFluxPipeline", "MeanFlowFluxPipeline", "PIPELINES", "load_student_transformer", "load_teacher_pipeline",
-           "meanflow_time_grid", "checkpoint_step", "SCM_SIGMA_DATA", "SCM_MAX_TIMESTEP", "SCM_INTERMEDIATE_TIMESTEP",
+           "meanflow_time_grid", "checkpoint_step", "REMOTE_CODE_MODULES", "SCM_SIGMA_DATA", "SCM_MAX_TIMESTEP", "SCM_INTERMEDIATE_TIMESTEP",
            "MEANFLOW_SCHEDULES", "METHODS"]
 

@@ -17,7 +17,7 @@ import torch
 from diffusers import ModelMixin
 from torch import nn
 
-from model.transformer import TimeInputs
+from .transformer import TimeInputs
 
 
 @dataclass
