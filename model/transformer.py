@@ -41,6 +41,14 @@ class TimeInputs:
     interval: torch.Tensor | None
 
 
+def _compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype ``layer`` computes in: its weight's, or under diffusers' layerwise casting (e.g. float8
+    storage) the compute dtype its hook casts the weight to for the forward."""
+    hooks = getattr(layer, "_diffusers_hook", None)
+    casting = hooks.get_hook("layerwise_casting") if hooks is not None else None
+    return casting.compute_dtype if casting is not None else layer.weight.dtype
+
+
 class ExactTimeTextEmbedding(nn.Module):
     """FLUX's time + guidance + pooled-text conditioning, embedding exact float32 inputs.
 
@@ -92,7 +100,7 @@ class ExactTimeTextEmbedding(nn.Module):
 
     def _embed(self, embedder: nn.Module, value: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
         # In the embedder's own dtype: a LoRA student trains its interval embedder in float32 beside a bf16 base.
-        own = embedder.linear_1.weight.dtype
+        own = _compute_dtype(embedder.linear_1)
         return embedder(self.sinusoid(value, scale).to(own)).to(dtype)
 
     def conditioning(self, inputs: TimeInputs, pooled_projection: torch.Tensor,
