@@ -209,6 +209,7 @@ def test_v2_build_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     assert set(_hashes(tmp_path / "a")) >= {"transformer/diffusion_pytorch_model.safetensors",
                                             "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"}
     assert straight["evaluation"]["total_images"] == 6
+    assert set(straight["evaluation"]["at_guidance_1"]["tasks"]) == set(straight["evaluation"]["tasks"])
     # a snapshot of the finished state is the published teacher
     T.snapshot_pipeline(tmp_path / "sa", tmp_path / "snap_a")
     snap = _hashes(tmp_path / "snap_a")

@@ -1012,6 +1012,11 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
             evaluation = score_pipeline(stored, config, tmp / "eval", progress)
             evaluation.update({"steps": config.eval_steps, "guidance": config.eval_guidance,
                                "samples_per_prompt": config.eval_samples})
+            if config.distill_steps:
+                # the same images with the guidance input at 1 (no guidance): what the distillation adds
+                plain = score_pipeline(stored, replace(config, eval_guidance=1.0), tmp / "eval_guidance_1", progress)
+                evaluation["at_guidance_1"] = {"overall": plain["overall"],
+                                               "tasks": {k: v["accuracy"] for k, v in plain["tasks"].items()}}
             timings["eval_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
         info = {
