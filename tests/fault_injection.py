@@ -116,6 +116,23 @@ def subprocess_env(faults: dict | None = None, marker: Path | None = None, **ext
     return env
 
 
+DEEPSPEED_CPU_ENV = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(REPO_ROOT / ".cache" / "torch_extensions")}
+
+
+def torchrun(argv: list[str], nproc: int = 1, entry: str = "train_sCM.py", timeout: float = 600, **env):
+    """``torchrun --nproc_per_node N entry argv`` in the repository (offline, one thread); asserts exit 0.
+    Pass ``ACCELERATE_USE_CPU="true"`` for CPU DDP, or ``**DEEPSPEED_CPU_ENV`` for DeepSpeed on CPU."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={29500 + os.getpid() % 2000}", entry, *argv]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def wait_for(predicate, timeout: float, what: str, proc=None, interval: float = 0.05) -> None:
     deadline = time.time() + timeout
     while not predicate():

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import REPO_ROOT
-from fault_injection import load_export, read_metrics, recording_method, scm_args, scm_argv, scm_method, subprocess_env
+from fault_injection import (DEEPSPEED_CPU_ENV, load_export, read_metrics, recording_method, scm_args, scm_argv,
+                             scm_method, torchrun)
 from training.core import train
 from training.ema import EMA
 from training.hooks import Update
@@ -126,19 +125,10 @@ def test_ema_under_deepspeed_zero2_resumes_exactly(tiny_assets, tmp_path):
     flags = dict(ds_file=REPO_ROOT / "parallel_config" / "deepspeed_bf16_batch1.json", max_train_steps=4,
                  checkpointing_steps=2, use_ema=True, ema_power=1.0,
                  validation_prompt="a red square", validation_steps=4, num_validation_images=1)  # bf16 sampling too
-    env = dict(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"))
-
-    def run(argv):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-               f"--master_port={29500 + os.getpid() % 2000}", "train_sCM.py", *argv]
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(scm_argv(pipe, data, straight, **flags))
+    torchrun(scm_argv(pipe, data, straight, **flags), **DEEPSPEED_CPU_ENV)
     shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    run(scm_argv(pipe, data, resumed, resume_from_checkpoint="latest", **flags))
+    torchrun(scm_argv(pipe, data, resumed, resume_from_checkpoint="latest", **flags), **DEEPSPEED_CPU_ENV)
     a = torch.load(straight / "ckpts" / "transformer_4_ema.pt", map_location="cpu", weights_only=True)["module"]
     b = torch.load(resumed / "ckpts" / "transformer_4_ema.pt", map_location="cpu", weights_only=True)["module"]
     raw = load_export(straight, 4)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fault_injection import load_export, read_events, read_metrics, scm_args, scm_method
+from fault_injection import load_export, read_events, read_metrics, scm_args, scm_argv, scm_method
+from train_sCM import parse_args
 from training.core import train
 
 PROMPTS = ("a red square", "two blue circles")
@@ -30,12 +31,9 @@ def test_validation_keeps_losses_and_resume_exact_and_matches_the_sampling_cli(t
     plain_args = scm_args(pipe, data, tmp_path / "plain", **flags)
     train(plain_args, scm_method(plain_args))
 
-    val_flags = dict(flags, validation_steps=2, num_validation_images=2, validation_prompts_file=None)
+    val_flags = dict(flags, validation_steps=2, num_validation_images=2)
     out = tmp_path / "val"
     argv_prompts = [x for p in PROMPTS for x in ("--validation_prompt", p)]
-    from train_sCM import parse_args
-    from fault_injection import scm_argv
-
     args = parse_args(scm_argv(pipe, data, out, **val_flags) + argv_prompts)
     train(args, scm_method(args))
 
@@ -115,26 +113,16 @@ def test_meanflow_and_rescale_validation_grids(tiny_assets, tmp_path, trainer):
 @pytest.mark.distributed
 def test_two_process_validation_on_rank_0_only_keeps_losses(tiny_assets, tmp_path):
     """2-process DDP: rank 0 samples while rank 1 waits at the next all-reduce; losses equal a run without."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
-    from fault_injection import scm_argv, subprocess_env
+    from fault_injection import torchrun
 
     pipe, data = tiny_assets
 
-    def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={29500 + os.getpid() % 2000}", "train_sCM.py",
-               *scm_argv(pipe, data, out, max_train_steps=2, checkpointing_steps=2), *extra]
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(ACCELERATE_USE_CPU="true"), capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    def run(out, **flags):
+        torchrun(scm_argv(pipe, data, out, max_train_steps=2, checkpointing_steps=2, **flags), nproc=2,
+                 timeout=300, ACCELERATE_USE_CPU="true")
 
-    torchrun(tmp_path / "plain")
-    torchrun(tmp_path / "val", "--validation_prompt", PROMPTS[0], "--validation_steps", "1",
-             "--num_validation_images", "1")
+    run(tmp_path / "plain")
+    run(tmp_path / "val", validation_prompt=PROMPTS[0], validation_steps=1, num_validation_images=1)
     ref, got = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "val")
     assert [got[s]["loss_sCM"] for s in (1, 2)] == [ref[s]["loss_sCM"] for s in (1, 2)]
     assert sorted(p.name for p in (tmp_path / "val" / "validation").iterdir()) == ["step_0000001.png", "step_0000002.png"]
