@@ -106,21 +106,14 @@ def _measure(method_name: str, rank: int, steps: int, batch: int, side: int) -> 
 
 
 def count_8b(ranks: list[int]) -> list[dict]:
-    import torch
-
     sys.path.insert(0, str(ROOT))
-    from model.lora import LoraSpec, add_student_adapter, count_parameters
-    from model.transformer import DistillFluxTransformer2DModel
+    from model.lora import LoraSpec, lora_parameter_count
+    from training.memory_plan import count_parameters
 
-    rows = []
-    with torch.device("meta"):
-        full = count_parameters(DistillFluxTransformer2DModel(**LITE_8B, timestep_scale=1.0))["total"]
-    rows.append({"student": "full", "params_in_memory": 2 * full, "trainable": full, "optimizer_state_elements": 2 * full})
+    full = count_parameters(LITE_8B)
+    rows = [{"student": "full", "params_in_memory": 2 * full, "trainable": full, "optimizer_state_elements": 2 * full}]
     for rank in ranks:
-        with torch.device("meta"):
-            model = DistillFluxTransformer2DModel(**LITE_8B, timestep_scale=1.0)
-            add_student_adapter(model, LoraSpec(rank=rank))
-        counts = count_parameters(model)
+        counts = lora_parameter_count(LITE_8B, LoraSpec(rank=rank))
         rows.append({"student": f"lora r{rank}", "params_in_memory": counts["total"], "trainable": counts["trainable"],
                      "optimizer_state_elements": 2 * counts["trainable"]})
     return rows

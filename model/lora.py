@@ -323,3 +323,15 @@ def load_lora_student(folder_path: str | os.PathLike, pretrained_model_name_or_p
     apply_lora_folder(transformer, folder, fuse=fuse)
     transformer.to(dtype).eval().requires_grad_(False)
     return transformer, folder
+
+
+def lora_parameter_count(config: dict, spec: LoraSpec, interval_embedding: bool = False) -> dict[str, int]:
+    """Parameters of a LoRA student of the FLUX ``config`` (built on the meta device: no memory).
+
+    ``trainable`` = the adapter + the interval embedder when ``interval_embedding`` (MeanFlow); ``total`` =
+    everything held in memory for student and teacher together (one base).
+    """
+    with torch.device("meta"):
+        model = DistillFluxTransformer2DModel(**config, interval_embedding=interval_embedding)
+        add_student_adapter(model, spec)
+    return count_parameters(model)

@@ -310,3 +310,16 @@ def test_sampling_cli_reads_a_lora_folder_and_names_a_missing_base(lora_exports,
 
     with pytest.raises(CheckpointError, match="MeanFlow student"):
         sample_main("scm", common + ["--output_dir", str(tmp_path / "o3")])  # a MeanFlow adapter, sCM sampler
+
+
+@pytest.mark.parametrize("name,plan_method", [("scm", "sCM"), ("meanflow", "MeanFlow")])
+def test_memory_plan_counts_the_trainable_tensors_of_a_built_lora_student(name, plan_method):
+    """python -m training.memory_plan --lora_rank: its count equals the trainable tensors the trainer builds."""
+    from tests.model_factory import TINY
+    from training.memory_plan import lora_trainable_params, main as plan_main
+
+    student, _ = build_tied_models(_args(), _methods()[name], tiny_transformer(timestep_scale=1.0), SPEC, torch.float32)
+    built = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    planned = lora_trainable_params(dict(TINY), plan_method, SPEC.rank, ",".join(SPEC.target_modules))
+    assert planned == built
+    assert plan_main(["--lora_rank", "4", "--lora_target_modules", "to_qq"]) == 2  # bad target: one-line error

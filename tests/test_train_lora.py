@@ -206,3 +206,25 @@ def test_deepspeed_lora_resume_is_bitwise_identical(tiny_assets, tmp_path):
     assert sorted(got) == [3, 4] and [got[s]["loss_sCM"] for s in got] == [ref[s]["loss_sCM"] for s in got]
     for a, b in zip(_lora_tensors(resumed, 4), _lora_tensors(straight, 4)):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_ema_exports_the_averaged_adapter_without_disturbing_training(tiny_assets, tmp_path):
+    """--use_ema with LoRA: ckpts/lora_<step>_ema/ holds the EMA of adapter and head (equal to the checkpointed
+    average); swapping it in for the export leaves the training itself unchanged, bit for bit."""
+    pipe, data = tiny_assets
+    flags = dict(max_train_steps=3, checkpointing_steps=1, **LORA)
+    plain_args = scm_args(pipe, data, tmp_path / "plain", **flags)
+    train(plain_args, scm_method(plain_args))
+    ema_args = scm_args(pipe, data, tmp_path / "ema", use_ema=True, ema_decay=0.5, **flags)
+    train(ema_args, scm_method(ema_args))
+    for a, b in zip(_lora_tensors(tmp_path / "ema", 3), _lora_tensors(tmp_path / "plain", 3)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shadow = torch.load(tmp_path / "ema" / "checkpoints" / "checkpoint-3" / "hook_states.pt", weights_only=True)["ema"]["shadow"]
+    lora, heads = load_file(tmp_path / "ema" / "ckpts" / "lora_3_ema" / LORA_WEIGHTS), \
+        load_file(tmp_path / "ema" / "ckpts" / "lora_3_ema" / HEADS_WEIGHTS)
+    raw, _ = _lora_tensors(tmp_path / "ema", 3)
+    assert any(not torch.equal(lora[k], raw[k]) for k in lora)  # the average, not the raw weights
+    for name, value in shadow.items():
+        key = name.replace(".student.", ".") if ".lora_" in name else name
+        saved = heads[key] if key.startswith("logvar_linear.") else lora[key]
+        assert torch.equal(saved, value.to(saved.dtype)), name

@@ -150,7 +150,8 @@ class Run:
     # How a checkpoint's model state and exports are written (LoRA runs replace them: training/lora.py).
     save_state_kwargs: dict = field(default_factory=dict)
     load_state_kwargs: dict = field(default_factory=dict)
-    export: Callable[["Run", int], None] | None = None  # main process; None = export_full_student
+    # main process: export(run, step, weights=None, suffix=""); None = export_full_student
+    export: Callable[..., None] | None = None
     log: RunLog = field(init=False)
 
     def __post_init__(self):

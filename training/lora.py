@@ -10,13 +10,14 @@ optimizer gets, and what checkpoints and exports hold.  The model side is ``mode
   DeepSpeed), as the separate teacher was.  The optimizer only sees the trainable tensors.
 * Checkpoints (``checkpoints/checkpoint-N``) keep only the trainable tensors of the model (plus optimizer,
   scheduler, RNG, train state); the base is rebuilt from the run's (invariant) model flags on resume.
-* Exports: ``ckpts/lora_<step>/`` (diffusers LoRA + heads + lora_info.json, see model/lora.py) for sCM and
-  MeanFlow; teacher rescaling exports the fused ×1 weights as ``ckpts/transformer_<step>.pt`` as usual,
+* Exports: ``ckpts/lora_<step>/`` (diffusers LoRA + heads + lora_info.json, see model/lora.py; with
+  ``--use_ema`` also ``ckpts/lora_<step>_ema/`` holding the averaged adapter and heads) for sCM and MeanFlow; teacher rescaling exports the fused ×1 weights as ``ckpts/transformer_<step>.pt`` as usual,
   since the distillation runs need a full rescaled teacher.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -144,8 +145,12 @@ def attach_lora(run) -> None:
     else:
         register_trainable_only_checkpoints(run.accelerator, run.student)
 
-    def export(run, step: int) -> None:
-        export_lora_student(run.args.output_dir, run.method, run.unwrapped, run.args, step)
+    def export(run, step: int, weights: dict[str, torch.Tensor] | None = None, suffix: str = "") -> None:
+        """The step's export; ``weights`` (name → tensor, e.g. the EMA) replace the trainable tensors in it."""
+        with swapped_in(run.unwrapped, weights):
+            export_lora_student(run.args.output_dir, run.method, run.unwrapped, run.args, step, suffix)
+        if suffix:
+            return  # pruned together with the raw export
         if getattr(run.method, "lora_export", "adapter") == "fused":
             from training import checkpointing as ckpt
 
@@ -154,6 +159,25 @@ def attach_lora(run) -> None:
             prune_lora_exports(run.args.output_dir, getattr(run.args, "exports_total_limit", None))
 
     run.export = export
+
+
+@contextlib.contextmanager
+def swapped_in(module: nn.Module, weights: dict[str, torch.Tensor] | None):
+    """Within the block the named parameters hold ``weights``; afterwards their own values, bit for bit."""
+    if not weights:
+        yield
+        return
+    params = dict(module.named_parameters())
+    saved = {name: params[name].detach().clone() for name in weights}
+    try:
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
 
 
 def deepspeed_state_kwargs() -> tuple[dict, dict]:
@@ -170,13 +194,15 @@ def lora_export_path(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def export_lora_student(output_dir: str | os.PathLike, method, student: nn.Module, args: argparse.Namespace,
-                        step: int) -> Path:
-    """Write the step's export: the LoRA folder, or (teacher rescaling) the fused transformer .pt."""
+                        step: int, suffix: str = "") -> Path:
+    """Write the step's export: the LoRA folder ``ckpts/lora_<step><suffix>/``, or (teacher rescaling) the fused
+    ``ckpts/transformer_<step><suffix>.pt``."""
     from training import checkpointing as ckpt
 
     transformer = transformer_of(student)
     if getattr(method, "lora_export", "adapter") == "fused":
         path = ckpt.export_path(output_dir, step)
+        path = path.with_name(f"{path.stem}{suffix}{path.suffix}")
         ckpt.export_transformer(path, fused_state_dict(transformer), dict(transformer.config), step)
         return path
     heads = dict(head_parameters(transformer))
@@ -189,7 +215,8 @@ def export_lora_student(output_dir: str | os.PathLike, method, student: nn.Modul
             "rescaled_checkpoint_path": _maybe_abs(args.rescaled_checkpoint_path),
             "lora": {"rank": args.lora_rank, "alpha": lora_spec(args).lora_alpha,
                      "target_modules": args.lora_target_modules, "dropout": args.lora_dropout}}
-    return save_lora_folder(lora_export_path(output_dir, step), transformer, heads, info)
+    folder = lora_export_path(output_dir, step)
+    return save_lora_folder(folder.with_name(folder.name + suffix), transformer, heads, info)
 
 
 def prune_lora_exports(output_dir: str | os.PathLike, keep: int | None) -> None:
@@ -200,6 +227,7 @@ def prune_lora_exports(output_dir: str | os.PathLike, keep: int | None) -> None:
     found = sorted((int(m.group(1)), p) for p in root.glob("lora_*") if (m := LORA_EXPORT_RE.match(p.name)))
     for _, old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name + "_ema"), ignore_errors=True)
 
 
 def _maybe_abs(path: str | None) -> str | None:

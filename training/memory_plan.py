@@ -339,6 +339,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Trainable parameter count (default: every student parameter; a LoRA passes its own).")
     p.add_argument("--teacher_shares_weights", action="store_true",
                    help="The teacher is the student's frozen base (LoRA): no second copy of the weights.")
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="Plan a LoRA student of this rank (training/lora.py): trainable = its adapter + the method's "
+                        "new heads, and the teacher shares the base (overrides the two flags above). 0 = full student.")
+    p.add_argument("--lora_target_modules", default=None,
+                   help="With --lora_rank: the adapted layers, as for the trainers (default: theirs).")
     p.add_argument("--jvp_kernel", choices=["chunked", "flash"], default="chunked",
                    help="JVP attention: chunked (score chunks in memory) or the flash-JVP kernel (O(N)).")
     p.add_argument("--gpu_memory_gib", type=float, default=80.0, help="Memory of one GPU, GiB.")
@@ -357,9 +362,28 @@ def _transformer_config(path: str | None) -> dict:
     return {k: v for k, v in raw.items() if k in keys}
 
 
+def lora_trainable_params(transformer: dict, method: str, rank: int, target_modules: str | None = None) -> int:
+    """Trainable parameters of a LoRA student: the adapter, plus MeanFlow's interval embedder or sCM's logvar head."""
+    from model.lora import DEFAULT_TARGET_MODULES, LoraSpec, lora_parameter_count
+
+    targets = tuple(t.strip() for t in (target_modules or ",".join(DEFAULT_TARGET_MODULES)).split(",") if t.strip())
+    counts = lora_parameter_count(transformer, LoraSpec(rank=rank, target_modules=targets),
+                                  interval_embedding=method.startswith("MeanFlow"))
+    width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    return counts["trainable"] + (width + 1 if method == "sCM" else 0)  # logvar_linear: width → 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     transformer = _transformer_config(args.transformer_config)
+    if args.lora_rank:
+        try:
+            args.trainable_params = lora_trainable_params(transformer, args.method, args.lora_rank,
+                                                          args.lora_target_modules)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        args.teacher_shares_weights = True
     base = RunShape(transformer, args.resolution[0], args.batch, args.num_gpus, args.zero_stage, args.precision,
                     args.method, args.gradient_checkpointing, args.conditioning_cache, args.max_sequence_length,
                     args.trainable_params, args.teacher_shares_weights, args.jvp_kernel)
