@@ -206,10 +206,3 @@ def test_exports_total_limit_prunes_the_ema_exports_with_their_raw_ones(tmp_path
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == [
         "transformer_4.pt", "transformer_4_ema.pt", "transformer_6.pt", "transformer_6_ema.pt"]
 
-
-def test_ema_with_lora_is_refused_before_anything_is_written(tiny_assets, tmp_path):
-    pipe, data = tiny_assets
-    args = scm_args(pipe, data, tmp_path / "out", use_ema=True, lora_rank=4)
-    with pytest.raises(ValueError, match="--use_ema is not supported with --lora_rank"):
-        train(args, scm_method(args))
-    assert not (tmp_path / "out").exists()

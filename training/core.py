@@ -181,9 +181,6 @@ class _Window:
 def build_hooks(args: argparse.Namespace) -> list[Hook]:
     """The run's hooks, in call order (new features append theirs here)."""
     hooks: list[Hook] = []
-    if args.use_ema and getattr(args, "lora_rank", 0):
-        raise ValueError("--use_ema is not supported with --lora_rank yet: the EMA export is a full "
-                         "{'module': ...} student, not a LoRA folder. Drop one of the two flags.")
     if args.use_ema:  # first: later hooks (metrics, validation) see this update's average
         hooks.append(EMA(args.ema_decay, args.ema_power, "cpu" if args.ema_device == "cpu" else None))
     hooks += [ProgressBar(), MetricsLogger(args.logging_steps)]
