@@ -1,16 +1,14 @@
 """python -m training.plot_metrics: the curves drawn are exactly the runs' logged values (read back from the
-figure), the PNG is written, and bad input is one line."""
+figure), the PNG is written, and bad input is one line (the module's entry point is run_cli(main))."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
-from training.plot_metrics import collect_series, plot_series, trailing_mean
+from training.cli import run_cli
+from training.plot_metrics import collect_series, main, plot_series, trailing_mean
 
 
 def _run(root, name, records, extra_lines=()):
@@ -35,9 +33,7 @@ def test_curves_hold_the_logged_values(tmp_path):
     assert drawn == {a: ([1, 2, 3], [0.5, 1.0, 1.5]), b: ([2, 4], [1.0, 1.0])}
 
     out = tmp_path / "plots" / "curves.png"
-    proc = subprocess.run([sys.executable, "-m", "training.plot_metrics", a, b, "--out", str(out), "--smooth", "2"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert main([a, b, "--out", str(out), "--smooth", "2"]) == out
     width, height = Image.open(out).size
     assert width > 500 and height > 3 * 200
 
@@ -49,10 +45,10 @@ def test_trailing_mean():
 
 @pytest.mark.parametrize("case,message", [("missing", "no logs/metrics.jsonl there"),
                                           ("key", "no run logged 'nope'; available: grad_norm, loss")])
-def test_bad_input_is_one_line(tmp_path, case, message):
+def test_bad_input_is_one_line(tmp_path, capsys, case, message):
     run = _run(tmp_path, "r", [{"step": 1, "loss": 1.0, "grad_norm": 2.0}])
     args = [str(tmp_path / "none")] if case == "missing" else [run, "--keys", "nope"]
-    proc = subprocess.run([sys.executable, "-m", "training.plot_metrics", *args, "--out", str(tmp_path / "c.png")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert run_cli(lambda: main([*args, "--out", str(tmp_path / "c.png")])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "c.png").exists()

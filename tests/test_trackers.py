@@ -56,6 +56,7 @@ def test_tensorboard_has_scalars_config_and_validation_images(tiny_assets, tmp_p
     assert any("learning_rate" in f.read_bytes().decode("latin-1") for f in files)
 
 
+@pytest.mark.slow  # wandb's service start-up alone takes ~30 s on 2 busy cores
 def test_wandb_offline_run_folder_lives_under_the_output_dir(tiny_assets, tmp_path):
     pipe, data = tiny_assets
     out, cwd = tmp_path / "run", tmp_path / "cwd"
