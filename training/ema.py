@@ -14,8 +14,9 @@ the raw weights as ``ckpts/transformer_<step>_ema.pt`` in the same ``{'module': 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -74,6 +75,22 @@ class EMA(Hook):
         current = (params[n].detach().to(self.shadow[n].device, torch.float32) for n in names)
         for name, value in zip(names, current):
             self.shadow[name].lerp_(value, 1.0 - beta)  # θ̄ + (1 − β)(θ − θ̄) = β·θ̄ + (1 − β)·θ
+
+    @contextlib.contextmanager
+    def applied(self, run: "Run") -> Iterator[None]:
+        """Main process: the student's trainable weights replaced by the average, then restored bit for bit
+        from a host-memory copy (what validation samples the EMA with; training never sees it)."""
+        params = self._named_params(run)
+        backup = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(self.shadow[n])
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])
 
     def state_dict(self) -> dict | None:
         if self.shadow is None:

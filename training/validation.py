@@ -5,10 +5,12 @@ Rows of the grid, one per sampler (``validation_samplers``):
     sCM        the student at 1 and 2 steps            (SCMFluxPipeline, guidance 4.5)
     MeanFlow   the student at 2 and 4 steps            (MeanFlowFluxPipeline, guidance 3.5)
     rescale    the frozen ×1000 teacher and the rescaled student, both at 28 steps (FluxPipeline, 3.5)
+With ``--use_ema`` the student's samplers are repeated on the EMA weights (rows "EMA ..."; the weights are
+swapped in and restored bit for bit, :meth:`training.ema.EMA.applied`).
 Columns: prompt i × image k (``--num_validation_images``).  Image k of prompt i uses the generator of the
 sampling CLIs (``evaluation.generate.image_generators(--validation_seed, [(i, k)])``), the same at every
-validation step, so a run's grids compare across steps and a tile equals what ``test_sCM.py --seed S``
-gives for the exported weights of that step.  Written to ``OUT/validation/step_<step:07d>.png`` and
+validation step, so a run's grids compare across steps and a tile matches what ``test_sCM.py --seed S``
+gives for the exported weights of that step (to one grey level: the CLI batches prompts differently).  Written to ``OUT/validation/step_<step:07d>.png`` and
 logged to the trackers as ``validation``.
 
 The training random stream is untouched: sampling draws from its own generators and the global RNG
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from training.ema import EMA
 from training.hooks import Hook, Update
 from training.trackers import log_images
 
@@ -43,6 +46,7 @@ class ValidationSampler:
     label: str  # row title, e.g. "sCM 2 steps"
     pipeline: object  # a FluxPipeline (subclass) sharing the run's modules
     call_kwargs: dict = field(default_factory=dict)  # num_inference_steps, guidance_scale, ...
+    student: bool = True  # samples the student (so also its EMA, with --use_ema)
 
 
 def read_validation_prompts(args: argparse.Namespace) -> list[str]:
@@ -83,7 +87,8 @@ def validation_samplers(run: "Run") -> list[ValidationSampler]:
         samplers = []
         if isinstance(run.teacher, torch.nn.Module) and hasattr(run.teacher, "config"):  # flow_matching has none
             samplers.append(ValidationSampler("teacher x1000, 28 steps", FluxPipeline(
-                scheduler=base.scheduler, transformer=run.teacher, **parts), dict(num_inference_steps=28, **guidance)))
+                scheduler=base.scheduler, transformer=run.teacher, **parts), dict(num_inference_steps=28, **guidance),
+                student=False))
         samplers.append(ValidationSampler("rescaled x1, 28 steps", FluxPipeline(
             scheduler=base.scheduler, transformer=student, **parts), dict(num_inference_steps=28, **guidance)))
         return samplers
@@ -135,22 +140,31 @@ class Validation(Hook):
             self.samplers = validation_samplers(run)
         device = run.accelerator.device
         accelerator_rng = [device.index or 0] if device.type == "cuda" else []
+        ema = next((h for h in run.hooks if isinstance(h, EMA) and h.shadow is not None), None)
         was_training = run.unwrapped.training
         run.unwrapped.eval()
-        rows = []
+        rows, labels = [], []
         try:
             with torch.random.fork_rng(devices=accelerator_rng), run.accelerator.autocast():
                 for sampler in self.samplers:
-                    sampler.pipeline.set_progress_bar_config(disable=True)
-                    row = []
-                    for i, prompt in enumerate(self.prompts):
-                        generators = image_generators(self.seed, [(i, k) for k in range(self.num_images)])
-                        images = sampler.pipeline(prompt=[prompt] * self.num_images, height=self.resolution,
-                                                  width=self.resolution, generator=generators, output_type="np",
-                                                  max_sequence_length=run.args.max_sequence_length,
-                                                  **sampler.call_kwargs).images
-                        row.extend(np.asarray(images, dtype=np.float32))
-                    rows.append(row)
+                    rows.append(self._row(run, sampler, image_generators))
+                    labels.append(sampler.label)
+                if ema is not None:  # the same samplers on the average, weights restored afterwards
+                    with ema.applied(run):
+                        for sampler in (s for s in self.samplers if s.student):
+                            rows.append(self._row(run, sampler, image_generators))
+                            labels.append(f"EMA {sampler.label}")
         finally:
             run.unwrapped.train(was_training)
-        return image_grid(rows, [s.label for s in self.samplers])
+        return image_grid(rows, labels)
+
+    def _row(self, run: "Run", sampler: ValidationSampler, image_generators) -> list[np.ndarray]:
+        sampler.pipeline.set_progress_bar_config(disable=True)
+        row = []
+        for i, prompt in enumerate(self.prompts):
+            generators = image_generators(self.seed, [(i, k) for k in range(self.num_images)])
+            images = sampler.pipeline(prompt=[prompt] * self.num_images, height=self.resolution, width=self.resolution,
+                                      generator=generators, output_type="np",
+                                      max_sequence_length=run.args.max_sequence_length, **sampler.call_kwargs).images
+            row.extend(np.asarray(images, dtype=np.float32))
+        return row
