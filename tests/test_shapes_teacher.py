@@ -184,10 +184,38 @@ def _hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*.safetensors"))}
 
 
+def test_caption_targets_tell_binding_and_order_apart():
+    from evaluation.shapes.domain import make_spec
+
+    a = T.caption_targets(make_spec("two_object", "square", "red", "circle", "green"))
+    b = T.caption_targets(make_spec("two_object", "circle", "red", "square", "green"))
+    # shapes circle, square, triangle -> 1, 2, 3; colours red, green, ... -> 1, 2, ...; count; relation
+    assert a == [2, 1, 1, 1, 2, 1, 0] and b == [1, 1, 1, 2, 2, 1, 0]
+    left = T.caption_targets(make_spec("position", "circle", "red", "left of", "square", "blue"))
+    assert left == [2, 3, 1, 1, 1, 1, 1]  # reference (blue square) first, subject second, "left of" = 1
+    assert T.caption_targets(make_spec("counting", "triangle", "white", 3)) == [3, 6, 3, 0, 0, 0, 0]
+    assert T.caption_targets(None) == [0] * len(T.CAPTION_HEADS)
+
+
+def test_caption_probe_reads_the_t5_tokens_order_blind():
+    """The T5 read-out cannot use token positions (as FLUX's transformer cannot), so only binding written
+    into the tokens' content can solve the parsing task."""
+    torch.manual_seed(0)
+    probe = T._caption_probe_class()(32, 16)
+    tokens, pooled = torch.randn(3, 16, 32), torch.randn(3, 16)
+    logits, clip_logits = probe(tokens, pooled)
+    permuted, _ = probe(tokens[:, torch.randperm(16)], pooled)
+    assert torch.allclose(logits, permuted, atol=1e-5)
+    assert logits.shape[1] == clip_logits.shape[1] == sum(n for _, n in T.CAPTION_HEADS)
+    loss = T.caption_probe_loss(logits, torch.zeros(3, len(T.CAPTION_HEADS), dtype=torch.long))
+    assert loss.item() > 0 and loss.requires_grad
+
+
 @pytest.mark.slow
-def test_v2_build_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
-    config = replace(T.teacher_recipe("v2"), num_images=24, vae_steps=2, vae_batch_size=4, steps=4, batch_size=4,
+def test_v3_build_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
+    config = replace(T.teacher_recipe("v3"), num_images=24, vae_steps=2, vae_batch_size=4, steps=4, batch_size=4,
                      warmup_steps=1, distill_steps=4, distill_batch_size=4, distill_warmup_steps=1,
+                     text_pretrain_steps=4, text_pretrain_batch_size=4,
                      eval_prompts_per_tag=1, eval_samples=1, eval_steps=2, eval_batch_size=6)
     straight = T.build_teacher(tmp_path / "a", config, progress=False, state_dir=tmp_path / "sa")
     statuses = []
@@ -198,13 +226,15 @@ def test_v2_build_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
         if statuses[-1] == "complete":
             break
         assert not (tmp_path / "b").exists()  # a paused build publishes nothing
-        if len(statuses) == 1:  # an unfinished build can be snapshotted and loads as a FluxPipeline
+        if len(statuses) in (1, 2):  # an unfinished build can be snapshotted and loads as a FluxPipeline
             from diffusers import FluxPipeline
 
-            where = T.snapshot_pipeline(tmp_path / "sb", tmp_path / "snap")
-            assert where == {"stage": "flow_matching", "step": 3, "total": 4}
-            assert FluxPipeline.from_pretrained(tmp_path / "snap").transformer.config.guidance_embeds
-    assert statuses == ["paused", "paused", "complete"]  # flow 3/4, then 1 + distill 3/4, then distill 1
+            where = T.snapshot_pipeline(tmp_path / "sb", tmp_path / f"snap{len(statuses)}")
+            stage = "text_pretraining" if len(statuses) == 1 else "flow_matching"
+            assert where == {"stage": stage, "step": 3, "total": 4}
+            assert FluxPipeline.from_pretrained(tmp_path / f"snap{len(statuses)}").transformer.config.guidance_embeds
+    # text 3/4; text 1 + flow 3/4; flow 1 + distill 3/4; distill 1
+    assert statuses == ["paused", "paused", "paused", "complete"]
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
     assert set(_hashes(tmp_path / "a")) >= {"transformer/diffusion_pytorch_model.safetensors",
                                             "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"}

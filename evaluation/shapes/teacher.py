@@ -40,6 +40,9 @@ vectors whatever binds to what); flow matching feeds a constant guidance input `
 caption dropout, so classifier-free guidance works; then **guidance distillation** as FLUX-dev
 (:func:`run_guidance_distillation`): the guidance embedding learns the CFG velocity for w ~ U[1, 6].
 
+Recipe v3 first pretrains the text encoders to parse the captions (:func:`run_text_pretraining`): the
+joint training of v2 alone separated words but not binding after hundreds of steps.
+
 Long builds run in resumable stages: with ``state_dir`` every stage keeps its state there and a
 ``Budget`` (``--max_minutes``) stops a call early; the same call again continues bit-identically.
 
@@ -52,7 +55,7 @@ under a temporary name and renamed into place, so an interrupted build never loo
 Command line::
 
     python -m evaluation.shapes.teacher --output_dir assets/shapes_teacher [--seed 0] [--threads 2]
-    python -m evaluation.shapes.teacher --recipe v2 --output_dir OUT --state_dir STATE --max_minutes 80 \
+    python -m evaluation.shapes.teacher --recipe v3 --output_dir OUT --state_dir STATE --max_minutes 80 \
         --reuse_vae_from assets/shapes_teacher      # repeat until it prints "built teacher"
 """
 from __future__ import annotations
@@ -162,6 +165,14 @@ class TeacherConfig:
     distill_warmup_steps: int = 100
     distill_guidance_min: float = 1.0
     distill_guidance_max: float = 6.0
+    #: Caption-parsing pretraining of the text encoders before flow matching (0: none; v3), the role
+    #: pretraining plays for FLUX's T5-XXL: from the T5 tokens through an order-blind attention read-out
+    #: (like the transformer's, which sees no text positions) and from the pooled CLIP vector, predict each
+    #: object's shape, colour and count and the relation (see :class:`CaptionProbe`). A bag of words cannot
+    #: solve it, so the encoders must write binding and order into their tokens.
+    text_pretrain_steps: int = 0
+    text_pretrain_batch_size: int = 64
+    text_pretrain_learning_rate: float = 1e-3
     # evaluation of the stored teacher (held-out prompts)
     eval_prompts_per_tag: int = 8
     eval_samples: int = 2
@@ -178,7 +189,7 @@ class TeacherConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("vae_steps", "steps", "warmup_steps", "eval_prompts_per_tag", "eval_samples", "distill_steps",
-                     "distill_warmup_steps"):
+                     "distill_warmup_steps", "text_pretrain_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -204,7 +215,8 @@ class TeacherConfig:
 
 #: Named build recipes. v1: the teacher of issue 6 (frozen random text encoders, guidance input
 #: ignored). v2: text encoders trained jointly, caption dropout for CFG, then guidance distillation.
-RECIPES = ("v1", "v2")
+#: v3: v2 after a caption-parsing pretraining of the text encoders (text_pretrain_steps).
+RECIPES = ("v1", "v2", "v3")
 #: The recipe of the teacher committed in assets/shapes_teacher (what ``--rebuild_teacher`` remakes).
 COMMITTED_RECIPE = "v1"
 
@@ -216,6 +228,8 @@ def teacher_recipe(name: str = COMMITTED_RECIPE) -> TeacherConfig:
     if name == "v2":
         return replace(TeacherConfig(), train_text_encoders=True, flow_guidance=1.0, caption_dropout=0.15,
                        steps=15000, distill_steps=3000, eval_prompts_per_tag=34, eval_guidance=4.0)
+    if name == "v3":
+        return replace(teacher_recipe("v2"), text_pretrain_steps=3000)
     raise ValueError(f"unknown teacher recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
@@ -691,6 +705,96 @@ def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_
                     progress, log)
 
 
+#: Read-out heads of :class:`CaptionProbe`: (name, classes); class 0 = "absent".
+CAPTION_HEADS: tuple[tuple[str, int], ...] = (
+    ("shape_0", 4), ("color_0", 7), ("count_0", 5), ("shape_1", 4), ("color_1", 7), ("count_1", 5), ("relation", 5))
+
+
+def caption_targets(spec: Optional[dict]) -> list[int]:
+    """Class indices of :data:`CAPTION_HEADS` for a GenEval metadata dict (None: the unconditional prompt).
+
+    Objects are taken in the metadata's include order (for position prompts: reference, then subject), so
+    a caption and its binding- or order-swapped twin have different targets.
+    """
+    from evaluation.shapes.domain import COLORS, RELATIONS, SHAPES
+
+    include = spec["include"] if spec else []
+    out = []
+    for slot in range(2):
+        obj = include[slot] if slot < len(include) else None
+        out += [SHAPES.index(obj["class"]) + 1 if obj else 0, COLORS.index(obj["color"]) + 1 if obj else 0,
+                int(obj["count"]) if obj else 0]
+    relation = next((o["position"][0] for o in include if "position" in o), None)
+    out.append(RELATIONS.index(relation) + 1 if relation else 0)
+    return out
+
+
+def _caption_probe_class():
+    import torch
+    from torch import nn
+
+    class CaptionProbe(nn.Module):
+        """Order-blind read-out of the T5 tokens (learned queries attending over them, no positions, as
+        FLUX's joint attention reads text) and a linear read-out of the pooled CLIP vector, each predicting
+        :data:`CAPTION_HEADS`. Used only to pretrain the encoders; discarded afterwards."""
+
+        def __init__(self, t5_dim: int, clip_dim: int, heads: int = 4):
+            super().__init__()
+            self.queries = nn.Parameter(torch.randn(3, t5_dim) / math.sqrt(t5_dim))  # slot 0, slot 1, relation
+            self.attention = nn.MultiheadAttention(t5_dim, heads, batch_first=True)
+            sizes = [n for _, n in CAPTION_HEADS]
+            self.slot_out = nn.Linear(t5_dim, sum(sizes[:3]))
+            self.relation_out = nn.Linear(t5_dim, sizes[6])
+            self.clip_out = nn.Linear(clip_dim, sum(sizes))
+
+        def forward(self, t5_tokens, pooled):
+            q = self.queries.expand(t5_tokens.shape[0], -1, -1)
+            read, _ = self.attention(q, t5_tokens, t5_tokens, need_weights=False)
+            t5_logits = torch.cat([self.slot_out(read[:, 0]), self.slot_out(read[:, 1]),
+                                   self.relation_out(read[:, 2])], dim=-1)
+            return t5_logits, self.clip_out(pooled)
+
+    return CaptionProbe
+
+
+def caption_probe_loss(logits: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+    """Sum over :data:`CAPTION_HEADS` of the cross-entropy of the concatenated ``logits``."""
+    import torch.nn.functional as F
+
+    loss, start = 0.0, 0
+    for k, (_, n) in enumerate(CAPTION_HEADS):
+        loss = loss + F.cross_entropy(logits[:, start:start + n], targets[:, k])
+        start += n
+    return loss
+
+
+def run_text_pretraining(text: "TrainableText", targets: "torch.Tensor", config: TeacherConfig,
+                         checkpoint: Optional[Path] = None, budget: Optional[Budget] = None, progress: bool = True,
+                         log: Optional[Callable[[dict], None]] = None) -> StageResult:
+    """Caption-parsing pretraining of ``text``'s CLIP and T5 (see ``TeacherConfig.text_pretrain_steps``):
+    ``L = CE(probe(T5 tokens)) + CE(probe(pooled CLIP))`` over the rows of ``targets`` (one per caption of
+    ``text``, the unconditional prompt last). The probe is seeded from ``config.seed`` and discarded."""
+    import torch
+
+    torch.manual_seed(config.seed * 7919 + 4)
+    probe = _caption_probe_class()(text.t5.config.d_model, text.clip.config.hidden_size)
+    gen = torch.Generator().manual_seed(config.seed * 7919 + 5)
+    rows = targets.shape[0]
+
+    def lr_at(step: int) -> float:
+        return warmup_cosine_lr(step, config.text_pretrain_steps, max(1, config.text_pretrain_steps // 20),
+                                config.text_pretrain_learning_rate, config.min_lr_ratio)
+
+    def loss_fn(step: int):
+        idx = torch.randint(rows, (config.text_pretrain_batch_size,), generator=gen)
+        t5_logits, clip_logits = probe(*text.encode(idx))
+        return caption_probe_loss(t5_logits, targets[idx]) + caption_probe_loss(clip_logits, targets[idx])
+
+    modules = {"text_encoder": text.clip, "text_encoder_2": text.t5, "probe": probe}
+    return optimise("text_pretrain", modules, loss_fn, config.text_pretrain_steps, lr_at, gen, config, checkpoint,
+                    budget, progress, log)
+
+
 def cfg_velocity(teacher, z_t, t, guidance_input: float, cond: tuple, uncond: tuple, w: "torch.Tensor", txt_ids,
                  img_ids) -> "torch.Tensor":
     """Classifier-free guidance of a flow model: v_u + w·(v_c − v_u), both in one batched forward."""
@@ -956,7 +1060,21 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
         del images
         timings["encode_s"] = time.perf_counter() - t0
 
-        # 5. flow matching
+        # 5. caption-parsing pretraining of the text encoders (v3)
+        if config.text_pretrain_steps:
+            t0 = time.perf_counter()
+            spec_of = {r["llava"]: json.loads(r["metadata"]) for r in rows}
+            targets = torch.tensor([caption_targets(spec_of[c]) for c in unique] + [caption_targets(None)])
+            pretrained = run_text_pretraining(TrainableText(pipe, unique, config.max_sequence_length), targets,
+                                              config, state / "text.pt" if state_dir is not None else None,
+                                              budget, progress, log)
+            timings["text_pretrain_s"] = time.perf_counter() - t0
+            if not pretrained.done:
+                return _paused(state, "text_pretraining", pretrained)
+            pipe.text_encoder.load_state_dict(pretrained.ema["text_encoder"])
+            pipe.text_encoder_2.load_state_dict(pretrained.ema["text_encoder_2"])
+
+        # 6. flow matching
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
         if config.adaln_zero_init:
@@ -977,7 +1095,7 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
             module.eval().requires_grad_(False)
         history = flow.history
 
-        # 6. guidance distillation: the student (from the CFG teacher) takes the CFG scale as its guidance input
+        # 7. guidance distillation: the student (from the CFG teacher) takes the CFG scale as its guidance input
         if config.distill_steps:
             import copy
 
@@ -995,7 +1113,7 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
             del teacher
             history = distilled.history
 
-        # 7. save: float16 transformer (loaded back as float32 by diffusers), float32 elsewhere
+        # 8. save: float16 transformer (loaded back as float32 by diffusers), float32 elsewhere
         t0 = time.perf_counter()
         final = tmp / "pipeline"
         pipe.transformer.to(torch.float16)
@@ -1004,7 +1122,7 @@ def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, 
         (final / "logs" / "teacher_train.jsonl").write_text(_full_log(log_path, log_lines), encoding="utf-8")
         timings["save_s"] = time.perf_counter() - t0
 
-        # 8. score what was saved
+        # 9. score what was saved
         evaluation = None
         if evaluate and config.eval_prompts_per_tag > 0 and config.eval_samples > 0:
             t0 = time.perf_counter()
@@ -1047,7 +1165,8 @@ def snapshot_pipeline(state_dir: PathLike, output_dir: PathLike) -> dict:
     ``FluxPipeline`` folder, to score a build between stages. Returns ``{"stage", "step", "total"}``.
 
     The latest stage with a checkpoint wins: ``distill.pt`` (guidance-distilled transformer) over
-    ``flow.pt`` (CFG teacher; text encoders from it in both cases).
+    ``flow.pt`` (CFG teacher; text encoders from it in both cases) over ``text.pt`` (pretrained text
+    encoders only, with the untrained transformer: for :func:`evaluation.shapes.diagnose.text_binding_report`).
     """
     import torch
     from diffusers import AutoencoderKL, FluxPipeline
@@ -1055,8 +1174,8 @@ def snapshot_pipeline(state_dir: PathLike, output_dir: PathLike) -> dict:
     from data.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
 
     state_dir, output_dir = Path(state_dir), Path(output_dir)
-    if not (state_dir / "flow.pt").is_file():
-        raise ValueError(f"{state_dir} has no flow.pt yet: nothing to snapshot")
+    if not any((state_dir / name).is_file() for name in ("text.pt", "flow.pt")):
+        raise ValueError(f"{state_dir} has no text.pt or flow.pt yet: nothing to snapshot")
     config = TeacherConfig(**json.loads((state_dir / STATE_CONFIG_NAME).read_text(encoding="utf-8")))
     flux_config = TinyFluxConfig(**{**config.flux, "axes_dims_rope": tuple(config.flux["axes_dims_rope"])})
     tmp = _tmp_sibling(output_dir)
@@ -1067,10 +1186,16 @@ def snapshot_pipeline(state_dir: PathLike, output_dir: PathLike) -> dict:
         modules = {"transformer": pipe.transformer}
         if config.train_text_encoders:
             modules.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
-        stage = "flow_matching"
-        flow = torch.load(state_dir / "flow.pt", map_location="cpu", weights_only=False)
-        _load_ema(modules, flow)
-        step, total = flow["step"], config.steps
+        if not (state_dir / "flow.pt").is_file():  # only the text encoders so far (untrained transformer)
+            text = torch.load(state_dir / "text.pt", map_location="cpu", weights_only=False)
+            probe = _caption_probe_class()(pipe.text_encoder_2.config.d_model, pipe.text_encoder.config.hidden_size)
+            _load_ema({"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2, "probe": probe},
+                      text)
+            stage, step, total = "text_pretraining", text["step"], config.text_pretrain_steps
+        else:
+            flow = torch.load(state_dir / "flow.pt", map_location="cpu", weights_only=False)
+            _load_ema(modules, flow)
+            stage, step, total = "flow_matching", flow["step"], config.steps
         if (state_dir / "distill.pt").is_file():
             distill = torch.load(state_dir / "distill.pt", map_location="cpu", weights_only=False)
             _load_ema({"transformer": pipe.transformer}, distill)
@@ -1151,9 +1276,9 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m evaluation.shapes.teacher",
         description="Build (train) the shapes-world FLUX teacher pipeline: a VAE trained on rendered shapes, CLIP/T5 "
-                    "text encoders (random and frozen in recipe v1, trained with the transformer in v2), a "
-                    "FluxTransformer2DModel trained by flow matching (v2: with caption dropout, then guidance-"
-                    "distilled as FLUX-dev). Writes a FluxPipeline folder with "
+                    "text encoders (random and frozen in recipe v1; trained with the transformer in v2; in v3 first "
+                    "pretrained to parse the captions), a FluxTransformer2DModel trained by flow matching (v2/v3: "
+                    "with caption dropout, then guidance-distilled as FLUX-dev). Writes a FluxPipeline folder with "
                     f"{BUILD_INFO_NAME} (timings, VAE reconstruction check, held-out score). Long builds run in "
                     "stages: give --state_dir and --max_minutes, and run the same command again to continue.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1171,6 +1296,8 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              ("batch_size", int, "flow-matching batch size"),
                              ("learning_rate", float, "flow-matching peak LR"),
                              ("distill_steps", int, "guidance-distillation steps (0: none)"),
+                             ("text_pretrain_steps", int, "caption-parsing pretraining steps of the text encoders "
+                                                         "(0: none)"),
                              ("eval_prompts_per_tag", int, "held-out prompts per GenEval tag scored after the build "
                                                           "(0: skip scoring)"),
                              ("eval_samples", int, "samples per held-out prompt")):
@@ -1198,7 +1325,8 @@ def config_from_args(args: argparse.Namespace) -> TeacherConfig:
     """The recipe's config with the command-line overrides."""
     config = teacher_recipe(args.recipe)
     overrides = {k: getattr(args, k) for k in ("seed", "num_images", "vae_steps", "steps", "batch_size",
-                                                "learning_rate", "distill_steps", "eval_prompts_per_tag",
+                                                "learning_rate", "distill_steps", "text_pretrain_steps",
+                                                "eval_prompts_per_tag",
                                                 "eval_samples") if getattr(args, k) is not None}
     return replace(config, **overrides)
 
