@@ -92,6 +92,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from training.cli import run_cli
+    from training.cli import exit_process, run_cli
 
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

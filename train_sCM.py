@@ -6,7 +6,6 @@ See ``training/scm.py`` for the loss and ``training/core.py`` for the shared loo
 """
 from __future__ import annotations
 
-import sys
 
 from model.trigflow import LOGVAR_INPUTS
 from training.args import build_parser, float_list, validate_common_args
@@ -49,6 +48,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from training.cli import run_cli
+    from training.cli import exit_process, run_cli
 
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

@@ -1,12 +1,14 @@
 """Entry-point wrapper: user errors become one clear line on stderr and exit code 2."""
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import re
 import shutil
 import sys
-from typing import Callable
+import threading
+from typing import Callable, NoReturn
 
 from training.common import TrainingError
 
@@ -54,3 +56,33 @@ def run_cli(main: Callable[[], object]) -> int:
         print(f"error: {disk_error_message(exc)}\n(set T2I_DISTILL_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a training process with ``code``: ``sys.exit``, minus interpreter finalisation after a
+    distributed run.
+
+    Why (from the core dump of a finished 2-process run that ended in "terminate called without an
+    active exception", SIGABRT): gloo's worker threads outlive ``destroy_process_group`` (the DDP
+    reducer still owns the process group) and drop their reference to a completed all-reduce
+    asynchronously.  When that is the last reference to a Python tensor, the thread must take the GIL
+    to release it; a non-main thread that takes the GIL while the interpreter finalises is ended by
+    ``pthread_exit``, whose forced unwind through gloo's ``noexcept`` work destructor calls
+    ``std::terminate``.  Rare, and more likely on a loaded machine.  So, once torch.distributed has run,
+    the ordinary shutdown is done by hand — wait for non-daemon threads, run the ``atexit`` handlers
+    (logging, multiprocessing, trackers), flush stdio — and the process ends with ``os._exit``.
+    """
+    dist = sys.modules.get("torch.distributed")
+    distributed = dist is not None and (("LOCAL_RANK" in os.environ) or (dist.is_available() and dist.is_initialized()))
+    if not distributed:
+        sys.exit(code)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stream: nothing left to lose
+    os._exit(code)
