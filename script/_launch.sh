@@ -19,6 +19,11 @@ NPROC="${NPROC_PER_NODE:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 1)}"
 NNODES="${WORLD_SIZE:-1}"; NODE_RANK="${RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"
 unset WORLD_SIZE RANK LOCAL_RANK
+# Preemption (README "Long runs"): torchrun forwards these signals to every rank, which finishes its step,
+# saves and exits 0; it SIGKILLs ranks still running SHUTDOWN_TIMEOUT s later (torchrun's default: 30 s,
+# shorter than a full save at scale). SIGUSR1 is added so that an early "save and stop" reaches the ranks.
+SIGNALS="${SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"; SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-600}"
 echo "[launch] $ENTRY on $NNODES node(s) x $NPROC process(es) (GPUs seen: $NGPU), master $MASTER_ADDR:$MASTER_PORT" >&2
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$ROOT/$ENTRY" "$@"
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  --signals_to_handle="$SIGNALS" --shutdown_timeout="$SHUTDOWN_TIMEOUT" "$ROOT/$ENTRY" "$@"

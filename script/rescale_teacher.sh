@@ -16,7 +16,7 @@ LR=${1:-1e-5}; RESOLUTION=${2:-1024}; BATCH_SIZE=${3:-4}; OUT_DIR=${4:?OUT_DIR (
 shift $(( $# < 4 ? $# : 4 ))
 MODEL_NAME="${MODEL_NAME:-Freepik/flux.1-lite-8B}"
 source "$ROOT/script/_ds_args.sh"
-bash "$ROOT/script/_launch.sh" train_rescale.py \
+exec bash "$ROOT/script/_launch.sh" train_rescale.py \
   --pretrained_model_name_or_path "$MODEL_NAME" --objective self_distill --loss smooth_l1 \
   --resolution "$RESOLUTION" --dataloader_num_workers "${NUM_WORKERS:-4}" --output_dir "$OUT_DIR" \
   --train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "${GRAD_ACCUM:-1}" "${DS_ARGS[@]}" \

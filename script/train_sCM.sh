@@ -17,7 +17,7 @@ source "$ROOT/script/_ds_args.sh"
 # resolved to 1.0. We write the flag into the DeepSpeed config, so passing 0.1 here would really clip at 0.1, a
 # different optimisation. The same 1.0 is used with DS_FILE=none (plain DDP): the release only ever ran DeepSpeed,
 # so 1.0 is its effective clip whatever the backend. An explicit --max_grad_norm among the extra flags wins.
-bash "$ROOT/script/_launch.sh" train_sCM.py \
+exec bash "$ROOT/script/_launch.sh" train_sCM.py \
   --pretrained_model_name_or_path "$MODEL_NAME" --rescaled_checkpoint_path "$RESCALED_PATH" \
   --resolution "$RESOLUTION" --dataloader_num_workers "${NUM_WORKERS:-4}" --output_dir "$OUT_DIR" \
   --train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps 1 "${DS_ARGS[@]}" \
