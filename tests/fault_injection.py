@@ -17,7 +17,9 @@ Python process that starts, torchrun workers included, before the entry point ru
         "prune"       after pruning renamed an old checkpoint aside and deleted part of it;
   ``record_writes``: path of a file to which every call of begin/finish_checkpoint and
       export_transformer appends ``rank=<RANK> <what> step=<N>``;
-  ``nan_teacher_from``: the sCM teacher returns NaN from this (0-based) call on, on every rank.
+  ``nan_teacher_from``: the sCM teacher returns NaN from this (0-based) call on, on every rank;
+  ``record_exit``: path of a file to which every training process appends ``rank=<RANK> exit=<CODE>``
+      when its entry point ends normally (a process killed by a signal writes nothing).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -142,6 +145,37 @@ def wait_for(predicate, timeout: float, what: str, proc=None, interval: float = 
         if time.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def start_in_own_group(cmd: list[str], env: dict) -> subprocess.Popen:
+    """Start ``cmd`` as the leader of a new process group (as a scheduler or a terminal would see it)."""
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def metric_lines(out: Path) -> int:
+    path = Path(out) / "logs" / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def signal_group_after_steps(proc: subprocess.Popen, out: Path, sig: int, steps: int = 1,
+                             timeout: float = 300) -> tuple[str, float]:
+    """Once ``steps`` steps are logged, send ``sig`` to the whole process group of ``proc`` (``kill -SIG --
+    -PGID``); returns (combined output, seconds from the signal to the exit of ``proc``)."""
+    wait_for(lambda: metric_lines(out) >= steps, timeout, f"{steps} logged step(s)", proc)
+    sent = time.monotonic()
+    os.killpg(proc.pid, sig)
+    output, _ = proc.communicate(timeout=timeout)
+    return output, time.monotonic() - sent
+
+
+def read_exits(path: Path) -> dict[int, int]:
+    """{rank: exit status} from a ``record_exit`` file."""
+    exits = {}
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        rank, code = (int(field.split("=")[1]) for field in line.split())
+        exits[rank] = code
+    return exits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,3 +338,17 @@ def install_from_env() -> None:
         ckpt.begin_checkpoint = recorder("begin_checkpoint", ckpt.begin_checkpoint, lambda a: a[1])
         ckpt.finish_checkpoint = recorder("finish_checkpoint", ckpt.finish_checkpoint, lambda a: a[1])
         ckpt.export_transformer = recorder("export_transformer", ckpt.export_transformer, lambda a: a[3])
+
+    exits = faults.get("record_exit")
+    if exits:
+        import training.cli as cli
+
+        rank = os.environ.get("RANK", "0")
+        real_exit = cli.exit_process
+
+        def recording_exit(code):
+            with open(exits, "a") as f:
+                f.write(f"rank={rank} exit={code}\n")
+            real_exit(code)
+
+        cli.exit_process = recording_exit

@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
-from fault_injection import (assert_same_weights, load_export, read_events, read_metrics, recording_method, scm_args,
-                             scm_argv, scm_method, subprocess_env, tree_digest, wait_for)
+from fault_injection import (assert_same_weights, load_export, read_events, read_exits, read_metrics, recording_method,
+                             scm_args, scm_argv, scm_method, signal_group_after_steps, start_in_own_group,
+                             subprocess_env, tree_digest, wait_for)
 from training import checkpointing as ckpt
 from training.common import TrainingError
 from training.core import ResumableSampler, TrainState, train
@@ -80,6 +81,27 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tiny_assets, tmp_path, ref
     assert "--resume_from_checkpoint latest" in output and f"step {stopped_at}" in output
     assert ckpt.list_checkpoints(out)[-1][0] == stopped_at  # the stop saved its step, periodic or not
     assert [e["event"] for e in read_events(out)][-1] == "stopped"
+    _resume_and_compare(tiny_assets, out, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)], ids=lambda s: s.name)
+def test_process_group_signal_with_dataloader_workers(tiny_assets, tmp_path, reference, sig):
+    """``kill -SIG -- -PGID``, as schedulers and Ctrl-C deliver it: the trainer *and* its 2 DataLoader workers
+    get the signal.  The workers must not die of it (they used to, and the run crashed without a
+    checkpoint): the step finishes, its checkpoint is written, exit 0, and the resume is exact."""
+    pipe, data = tiny_assets
+    out, exits = tmp_path / "run", tmp_path / "exits"
+    cmd = [sys.executable, "train_sCM.py", *scm_argv(pipe, data, out, dataloader_num_workers=2)]
+    proc = start_in_own_group(cmd, subprocess_env({"slow_step": 0.5, "record_exit": str(exits)}))
+    output, _ = signal_group_after_steps(proc, out, sig)
+    assert proc.returncode == 0 and read_exits(exits) == {0: 0}, output[-3000:]
+    assert "DataLoader worker" not in output
+    stopped_at = max(read_metrics(out))
+    assert 1 <= stopped_at < STEPS
+    assert f"Stopped by {signal.Signals(sig).name} at step {stopped_at}" in output
+    assert "--resume_from_checkpoint latest" in output
+    assert ckpt.list_checkpoints(out)[-1][0] == stopped_at
     _resume_and_compare(tiny_assets, out, reference)
 
 
