@@ -13,7 +13,7 @@ The pieces, each small and named:
   * ``training/hooks.py`` — :class:`Hook`: everything else (metrics, progress bar, and any new
     feature) is a hook with ``on_train_start / on_update / on_save / on_train_end`` and an optional
     ``state_dict / load_state_dict`` that is checkpointed generically (``hook_states.pt``);
-  * ``training/stop.py`` — :class:`StopRequest`, signals → a clean stop at a step boundary.
+  * ``training/stop.py`` — :class:`StopRequest`, signals → a clean stop at a step boundary, on every rank.
 To add a feature: write a :class:`Hook` subclass (in its own module) and append it in
 :func:`build_hooks`; the step itself should not need another branch.  To feed the step other
 conditioning (e.g. precomputed embeddings), replace :attr:`Run.encode`; to read other data, give
@@ -34,7 +34,9 @@ ranks always take the same branch and the train state is identical on every rank
 custom objects from the main process only).
 
 Robustness (see ``training/checkpointing.py`` for the on-disk side):
-  * SIGTERM/SIGINT: the current optimizer step finishes, a full checkpoint is written, exit 0;
+  * SIGTERM/SIGINT/SIGUSR1, to one rank or to the whole process group (DataLoader workers ignore them,
+    ``training/stop.py``): the current optimizer step finishes on every rank, a full checkpoint is
+    written, exit 0;
   * unreadable samples are skipped, counted and logged (``logs/events.jsonl``); the run stops once the
     distinct unreadable samples exceed ``--max_bad_sample_fraction`` of the dataset;
   * a non-finite loss (on any rank) or gradient norm skips the whole optimizer step (weights, optimizer
@@ -196,7 +198,7 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
 
     Raises ``ValueError``/``FileNotFoundError``/``PermissionError`` for bad inputs before anything is
     written, and :class:`TrainingError` when the run must stop (bad data, bad numbers, failed save)
-    after saving what can be saved.  Returns normally (exit 0) after a SIGTERM/SIGINT stop.
+    after saving what can be saved.  Returns normally (exit 0) after a SIGTERM/SIGINT/SIGUSR1 stop.
     """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_output_dir_writable(args.output_dir)

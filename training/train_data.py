@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from data.dataset import Text2ImageDataset, load_hf_dataset
 from training.common import TrainingError
+from training.stop import ignore_stop_signals, start_iterator
 
 
 class ResumableSampler(Sampler[int]):
@@ -94,7 +95,8 @@ class TrainData:
         self.sampler = ResumableSampler(len(dataset), batch_size, rank, world_size, seed)
         # Its own generator: creating an iterator never consumes global random numbers (exact resume).
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, collate_fn=dataset.collate_fn,
-                                 num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                                 num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                                 worker_init_fn=ignore_stop_signals)  # a worker never decides a stop
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -103,7 +105,7 @@ class TrainData:
         """This rank's micro-batches of ``epoch`` after the first ``start_batch`` ones."""
         self.sampler.set_position(epoch, start_batch)
         self.dataset.set_epoch(epoch)
-        return iter(self.loader)
+        return start_iterator(self.loader)  # workers start with the stop signals blocked (training/stop.py)
 
     def substitute(self, batch: dict, max_tries: int = 64) -> dict:
         """A one-sample batch replacing a micro-batch whose samples are all unreadable.
