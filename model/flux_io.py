@@ -20,9 +20,14 @@ def check_resolution(resolution: int, vae_scale_factor: int) -> None:
                          f"{vae_scale_factor} and FLUX packs 2x2 latent patches. Use e.g. {max(multiple, resolution // multiple * multiple)}.")
 
 
-def load_flux_components(pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> FluxPipeline:
-    """VAE, CLIP + T5 encoders/tokenizers and scheduler of a FLUX pipeline, without its transformer."""
-    return FluxPipeline.from_pretrained(pretrained, transformer=None, revision=revision, dtype=dtype)
+def load_flux_components(pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                         vae_dtype: torch.dtype | None = None) -> FluxPipeline:
+    """VAE, CLIP + T5 encoders/tokenizers and scheduler of a FLUX pipeline, without its transformer.
+
+    ``vae_dtype`` (default: ``dtype``) loads the VAE in its own precision (casting it afterwards with
+    ``.to()`` makes diffusers warn about its fp32 modules on every rank)."""
+    dtypes = dtype if vae_dtype is None else {"default": dtype, "vae": vae_dtype}
+    return FluxPipeline.from_pretrained(pretrained, transformer=None, revision=revision, dtype=dtypes)
 
 
 class FluxConditioner:

@@ -71,9 +71,28 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     if accelerator.num_processes != expected:
         raise TrainingError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE={expected}: the "
                            "launch is misconfigured (on CPU use torchrun with ACCELERATE_USE_CPU=true).")
+    quiet_other_ranks(accelerator)
     logger.info("distributed type %s, %d process(es), mixed precision %s", accelerator.distributed_type.value,
                 accelerator.num_processes, accelerator.mixed_precision)
     return accelerator
+
+
+def quiet_other_ranks(accelerator: Accelerator) -> None:
+    """Only the main process speaks: the others keep our warnings and errors but drop our info lines
+    and the third-party libraries' warnings and progress bars, which would repeat the main process's
+    once per rank."""
+    if accelerator.is_main_process:
+        return
+    import datasets
+    import diffusers
+    import transformers
+
+    logger.setLevel(logging.WARNING)
+    for library in (transformers, diffusers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
 
 
 def check_output_dir_writable(output_dir: str) -> None:
@@ -136,8 +155,7 @@ def build_conditioner(args: argparse.Namespace, accelerator: Accelerator) -> Flu
     """Frozen VAE + text encoders of the pipeline: (pixels, captions) → (latents, FluxInputs)."""
     # Text encoders in the training precision (T5-XXL is 19 GB in fp32); the VAE stays fp32 (84 M params).
     pipe = load_flux_components(args.pretrained_model_name_or_path, revision=args.revision,
-                                dtype=weight_dtype(accelerator))
-    pipe.vae.to(torch.float32)
+                                dtype=weight_dtype(accelerator), vae_dtype=torch.float32)
     check_resolution(args.resolution, pipe.vae_scale_factor)
     return FluxConditioner(pipe, accelerator.device, args.max_sequence_length)
 
