@@ -97,6 +97,8 @@ def test_process_group_signal_with_dataloader_workers(tiny_assets, tmp_path, ref
     output, _ = signal_group_after_steps(proc, out, sig)
     assert proc.returncode == 0 and read_exits(exits) == {0: 0}, output[-3000:]
     assert "DataLoader worker" not in output
+    for notice in ("requires torchvision", "should be kept in float32"):  # quiet start-up: no third-party notices
+        assert notice not in output
     stopped_at = max(read_metrics(out))
     assert 1 <= stopped_at < STEPS
     assert f"Stopped by {signal.Signals(sig).name} at step {stopped_at}" in output
