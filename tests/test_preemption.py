@@ -59,7 +59,8 @@ def straight(tiny_assets, tmp_path_factory) -> Path:
     """The uninterrupted 2-process run (DataLoader workers on), and its start-up log must be quiet."""
     pipe, data = tiny_assets
     out = tmp_path_factory.mktemp("straight") / "run"
-    proc = _run(_torchrun_cmd(scm_argv(pipe, data, out, **FLAGS)))
+    # Exports every 2 steps, to compare the checkpoints a kill -9 leaves (saving does not change the run).
+    proc = _run(_torchrun_cmd(scm_argv(pipe, data, out, **dict(FLAGS, checkpointing_steps=2))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     for notice in NOTICES:
