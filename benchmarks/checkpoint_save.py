@@ -1,7 +1,7 @@
 """How long a full checkpoint save takes: the figure that sizes a preemption signal's lead time.
 
-    python -m benchmarks.checkpoint_save                         # medium model (4 heads × 64, 2 double + 4 single)
-    python -m benchmarks.checkpoint_save --saves 5 --json out.json
+    python benchmarks/checkpoint_save.py                         # medium model (4 heads × 64, 2 double + 4 single)
+    python benchmarks/checkpoint_save.py --saves 5 --json out.json
 
 Runs the real sCM training (``train_sCM.py``'s parser and method, in process, 1 rank) on a random FLUX
 pipeline whose transformer has the medium shape, checkpointing after every step, and times each
@@ -17,9 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 FLUX_LITE_PARAMS = 8.16e9  # FLUX.1-lite-8B transformer
 
