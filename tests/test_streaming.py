@@ -122,3 +122,17 @@ def test_caption_drawn_from_several_columns_is_seeded_and_skips_empty_ones(parqu
 def test_missing_caption_column_is_named(parquet):
     with pytest.raises(ValueError, match="caption column 'nope' not found"):
         _source(parquet, caption="text,nope")
+
+
+def test_bad_sample_base_of_a_stream_grows_with_the_rows_read(parquet):
+    from training.streaming_data import StreamingTrainData
+
+    data = StreamingTrainData(_source(parquet, 1, 2), all_ranks=lambda flag: flag, max_bad_fraction=0.1)
+    assert len(data) == 100  # 10 / 0.1: a few bad rows early on cannot stop the run
+    batches = list(data.batches(0, 0))
+    assert [len(b["indices"]) for b in batches] == [BATCH] * 2  # rank 1 holds 11 rows: the ragged 3rd is dropped
+    loose = StreamingTrainData(_source(parquet, 1, 2), lambda f: f, max_bad_fraction=1.0)
+    assert len(loose) == 10
+    for _ in range(3):
+        list(loose.batches(0, 0))
+    assert len(loose) == 3 * 2 * BATCH * 2  # rows read (this rank's × world size) once past the minimum

@@ -6,17 +6,14 @@ straight run of the same flags (resume bit for bit), and the map-style run's dat
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
-from fault_injection import read_metrics, scm_args, scm_argv, scm_method, subprocess_env
+from fault_injection import DEEPSPEED_CPU_ENV, read_metrics, scm_args, scm_argv, scm_method, torchrun
 from model.lora import HEADS_WEIGHTS, LORA_WEIGHTS
 from training.core import train
 
@@ -157,18 +154,12 @@ def test_two_process_streaming_and_lora_resume_bit_for_bit(tiny_assets, tmp_path
     pipe, data = tiny_assets
     flags = dict(max_train_steps=5, checkpointing_steps=3, streaming=True, max_train_samples=24, **LORA)
 
-    def torchrun(out, **extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={29500 + os.getpid() % 2000}", "train_sCM.py",
-               *_streaming_argv(pipe, data, out, **flags, **extra)]
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(ACCELERATE_USE_CPU="true"), capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-
-    torchrun(tmp_path / "straight")
+    run = lambda out, **extra: torchrun(_streaming_argv(pipe, data, out, **flags, **extra), nproc=2,
+                                        ACCELERATE_USE_CPU="true")
+    run(tmp_path / "straight")
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
-    torchrun(resumed, resume_from_checkpoint="latest")
+    run(resumed, resume_from_checkpoint="latest")
     ref, got = read_metrics(tmp_path / "straight"), read_metrics(resumed)
     assert sorted(got) == [4, 5] and all(got[s]["loss_sCM"] == ref[s]["loss_sCM"] for s in got)
     for a, b in zip(_lora_tensors(resumed, 5), _lora_tensors(tmp_path / "straight", 5)):
@@ -186,15 +177,7 @@ def test_deepspeed_lora_resume_is_bitwise_identical(tiny_assets, tmp_path):
     pipe, data = tiny_assets
     flags = dict(ds_file=REPO_ROOT / "parallel_config" / "deepspeed_bf16_batch1.json", max_train_steps=4,
                  checkpointing_steps=2, **LORA)
-    env = dict(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"))
-
-    def run(argv):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-               f"--master_port={29500 + os.getpid() % 2000}", "train_sCM.py", *argv]
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-
+    run = lambda argv: torchrun(argv, **DEEPSPEED_CPU_ENV)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(scm_argv(pipe, data, straight, **flags))
     module = torch.load(next((straight / "checkpoints" / "checkpoint-2").rglob("mp_rank_00_model_states.pt")),

@@ -7,13 +7,15 @@ Same members as :class:`~training.train_data.TrainData` (``batches``, ``substitu
   agree (one all-reduce of "I have a full batch") and the epoch ends for all at the first rank that has
   none: every rank runs the same number of forward/backward passes, as DDP and DeepSpeed require.  The
   ragged end of an epoch is dropped, as the map-style sampler drops its last partial batch;
-* the stream's length is unknown: ``len()`` is the number of rows the run has streamed so far (all ranks,
-  estimated as this rank's × world size), the base of ``--max_bad_sample_fraction``.
+* the stream's length is unknown: ``len()``, the base of ``--max_bad_sample_fraction`` f, is the number of rows
+  the run has streamed so far (all ranks, estimated as this rank's × world size), but at least 10/f, so that a
+  few bad rows at the very start do not stop a run (f = 0.01: more than 10 bad rows in the first 1,000).
 The position is the train state's (epoch, micro-batches consumed); see data/streaming.py.
 """
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -23,13 +25,16 @@ from data.streaming import StreamingText2ImageSource
 from training.common import TrainingError
 
 PROBES = 8  # samples read up front to check the columns hold usable data
+MIN_BAD_SAMPLES = 10  # the bad-sample limit needs at least this many before it can stop a streamed run
 
 
 class StreamingTrainData:
     """This rank's micro-batches of a streamed dataset; ``all_ranks(flag)`` is True iff every rank's flag is."""
 
-    def __init__(self, source: StreamingText2ImageSource, all_ranks: Callable[[bool], bool], num_workers: int = 0):
+    def __init__(self, source: StreamingText2ImageSource, all_ranks: Callable[[bool], bool], num_workers: int = 0,
+                 max_bad_fraction: float = 0.01):
         self.source = source
+        self.min_len = math.ceil(MIN_BAD_SAMPLES / max_bad_fraction) if max_bad_fraction > 0 else 1
         self.all_ranks = all_ranks
         # Its own generator: creating an iterator never consumes global random numbers (exact resume).
         self.loader = torch.utils.data.DataLoader(source, batch_size=source.batch_size, collate_fn=source.collate_fn,
@@ -39,7 +44,7 @@ class StreamingTrainData:
         self._fallback: dict | None = None
 
     def __len__(self) -> int:
-        return max(1, self._rows_read * self.source.world_size)
+        return max(self.min_len, self._rows_read * self.source.world_size)
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[dict]:
         """This rank's micro-batches of ``epoch`` after the first ``start_batch`` ones, while every rank has one."""
@@ -90,5 +95,5 @@ def build_streaming_data(args: argparse.Namespace, rank: int, world_size: int,
                                        shuffle_buffer=args.streaming_shuffle_buffer,
                                        max_samples=args.max_train_samples)
     check_stream_readable(source)
-    return StreamingTrainData(source, all_ranks, args.dataloader_num_workers)
+    return StreamingTrainData(source, all_ranks, args.dataloader_num_workers, args.max_bad_sample_fraction)
 
