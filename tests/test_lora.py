@@ -323,3 +323,19 @@ def test_memory_plan_counts_the_trainable_tensors_of_a_built_lora_student(name, 
     planned = lora_trainable_params(dict(TINY), plan_method, SPEC.rank, ",".join(SPEC.target_modules))
     assert planned == built
     assert plan_main(["--lora_rank", "4", "--lora_target_modules", "to_qq"]) == 2  # bad target: one-line error
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora_rank", "-1"], "--lora_rank -1 must be >= 0"),
+    (["--lora_alpha", "8"], "add --lora_rank"),
+    (["--lora_rank", "4", "--lora_dropout", "1.5"], "--lora_dropout 1.5 must be in"),
+    (["--streaming_shuffle_buffer", "10"], "only applies with --streaming"),
+    (["--max_train_samples", "0"], "--max_train_samples 0 must be >= 1"),
+])
+def test_bad_lora_and_streaming_flags_are_refused_by_the_parser(tmp_path, flags, message):
+    from train_sCM import parse_args
+
+    with pytest.raises(ValueError, match=message):
+        parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path / "o"), "--timestep_scale",
+                    "1000", *flags])
+    assert not (tmp_path / "o").exists()

@@ -205,6 +205,9 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_train_samples {args.max_train_samples} must be >= 1; omit it to use every row")
     if getattr(args, "streaming_shuffle_buffer", 0) < 0:
         raise ValueError(f"--streaming_shuffle_buffer {args.streaming_shuffle_buffer} must be >= 0 (0 = stream order)")
+    if getattr(args, "streaming_shuffle_buffer", 0) and not args.streaming:
+        raise ValueError("--streaming_shuffle_buffer only applies with --streaming (the map-style dataset is "
+                         "shuffled by its sampler anyway)")
     validate_lora_args(args)
     if args.dataset_name is None and args.data_files is None and args.data_dir is None:
         args.dataset_name, args.data_files = RELEASE_DATASET, list(RELEASE_DATA_FILES)

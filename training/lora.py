@@ -58,8 +58,11 @@ def lora_spec(args: argparse.Namespace) -> LoraSpec | None:
 
 
 def validate_lora_args(args: argparse.Namespace) -> None:
-    if getattr(args, "lora_rank", 0) is not None and args.lora_rank < 0:
+    rank = getattr(args, "lora_rank", 0) or 0
+    if rank < 0:
         raise ValueError(f"--lora_rank {args.lora_rank} must be >= 0 (0 = full student)")
+    if rank == 0 and (args.lora_alpha is not None or args.lora_dropout):
+        raise ValueError("--lora_alpha/--lora_dropout only apply to a LoRA student: add --lora_rank R")
     lora_spec(args)
 
 
