@@ -216,11 +216,17 @@ def test_lora_ema_exports_the_averaged_adapter_without_disturbing_training(tiny_
 def test_lora_bf16_with_gradient_checkpointing_keeps_the_base_in_bf16_and_trains_in_fp32(tiny_assets, tmp_path):
     """--mixed_precision bf16: the frozen base (and so the teacher) is bf16, adapter + head are fp32, the JVP
     and the checkpointed gradient pass run through the mixed-dtype layers."""
+    from accelerate.state import AcceleratorState
+
     pipe, data = tiny_assets
     args = scm_args(pipe, data, tmp_path / "out", max_train_steps=2, checkpointing_steps=2, mixed_precision="bf16",
                     gradient_checkpointing=True, **LORA)
     kept = _Keep(scm_method(args))
-    train(args, kept)
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state fixes the precision
+    try:
+        train(args, kept)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     dtypes = {(p.requires_grad, p.dtype) for p in kept.student.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
     metrics = read_metrics(tmp_path / "out")
