@@ -152,7 +152,7 @@ class Run:
     # How a checkpoint's model state and exports are written (LoRA runs replace them: training/lora.py).
     save_state_kwargs: dict = field(default_factory=dict)
     load_state_kwargs: dict = field(default_factory=dict)
-    # main process: export(run, step, weights=None, suffix=""); None = export_full_student
+    # main process: export(run, step, suffix=""); None = export_full_student
     export: Callable[..., None] | None = None
     log: RunLog = field(init=False)
 

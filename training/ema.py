@@ -112,7 +112,8 @@ class EMA(Hook):
         if self.shadow is None:
             return
         if run.export is not None:  # the run writes its own export format (LoRA): the EMA tensors go through it
-            run.export(run, step, weights=self.shadow, suffix="_ema")
+            with self.applied(run):
+                run.export(run, step, suffix="_ema")
             return
         state, config = self.export_state_dict(run)
         ckpt.export_transformer(ckpt.ema_export_path(run.args.output_dir, step), state, config, step)

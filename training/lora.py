@@ -17,7 +17,6 @@ optimizer gets, and what checkpoints and exports hold.  The model side is ``mode
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import re
@@ -148,10 +147,9 @@ def attach_lora(run) -> None:
     else:
         register_trainable_only_checkpoints(run.accelerator, run.student)
 
-    def export(run, step: int, weights: dict[str, torch.Tensor] | None = None, suffix: str = "") -> None:
-        """The step's export; ``weights`` (name → tensor, e.g. the EMA) replace the trainable tensors in it."""
-        with swapped_in(run.unwrapped, weights):
-            export_lora_student(run.args.output_dir, run.method, run.unwrapped, run.args, step, suffix)
+    def export(run, step: int, suffix: str = "") -> None:
+        """The step's export of the student's current weights (the EMA hook calls it with them swapped in)."""
+        export_lora_student(run.args.output_dir, run.method, run.unwrapped, run.args, step, suffix)
         if suffix:
             return  # pruned together with the raw export
         if getattr(run.method, "lora_export", "adapter") == "fused":
@@ -162,25 +160,6 @@ def attach_lora(run) -> None:
             prune_lora_exports(run.args.output_dir, getattr(run.args, "exports_total_limit", None))
 
     run.export = export
-
-
-@contextlib.contextmanager
-def swapped_in(module: nn.Module, weights: dict[str, torch.Tensor] | None):
-    """Within the block the named parameters hold ``weights``; afterwards their own values, bit for bit."""
-    if not weights:
-        yield
-        return
-    params = dict(module.named_parameters())
-    saved = {name: params[name].detach().clone() for name in weights}
-    try:
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
 
 
 def deepspeed_state_kwargs() -> tuple[dict, dict]:
