@@ -274,6 +274,8 @@ class _FewStepFluxPipeline(FluxPipeline):
     """FluxPipeline with a student transformer and a few-step ``__call__`` (see module doc)."""
 
     method: str = ""
+    #: What ``callback_on_step_end`` may read and replace: the sampler state after each step.
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, scheduler, vae, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
@@ -352,7 +354,7 @@ class _FewStepFluxPipeline(FluxPipeline):
 
     def _prepare(self, prompt, prompt_2, height, width, num_inference_steps, num_images_per_prompt, generator,
                  latents, prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length,
-                 joint_attention_kwargs=None) -> tuple[torch.Tensor, FluxInputs, int, int]:
+                 joint_attention_kwargs=None, callback_tensor_inputs=None) -> tuple[torch.Tensor, FluxInputs, int, int]:
         """Checks, text encoding, unit-variance packed noise [B, N, 4C] (float32) and the FLUX inputs.
 
         ``joint_attention_kwargs`` go to every transformer call; its ``"scale"`` is also the text encoders'
@@ -366,7 +368,8 @@ class _FewStepFluxPipeline(FluxPipeline):
         if int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
-                          pooled_prompt_embeds=pooled_prompt_embeds, max_sequence_length=max_sequence_length)
+                          pooled_prompt_embeds=pooled_prompt_embeds, max_sequence_length=max_sequence_length,
+                          callback_on_step_end_tensor_inputs=callback_tensor_inputs)
         if prompt is not None:
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
@@ -399,6 +402,15 @@ class _FewStepFluxPipeline(FluxPipeline):
         self._current_timestep = flow_time * 1000
         return self.transformer.cache_context("cond", step_index=step_index, num_inference_steps=self._num_timesteps,
                                               timestep=self._current_timestep, sigma=sigma)
+
+    def _step_end(self, callback, tensor_inputs: list[str], step: int, timestep: torch.Tensor,
+                  latents: torch.Tensor) -> torch.Tensor:
+        """FluxPipeline's ``callback_on_step_end(pipe, step, timestep, {"latents": ...})``; a returned
+        ``"latents"`` replaces the sampler state (``pipe.interrupt`` set by a callback stops the loop)."""
+        if callback is None:
+            return latents
+        outputs = callback(self, step, timestep, {"latents": latents} if "latents" in tensor_inputs else {}) or {}
+        return outputs.get("latents", latents)
 
     def _finish(self, latents: torch.Tensor, height: int, width: int, output_type: str, return_dict: bool):
         """Normalised packed latents → images, exactly as FluxPipeline decodes."""
@@ -448,7 +460,8 @@ class SCMFluxPipeline(_FewStepFluxPipeline):
                  num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
-                 joint_attention_kwargs: dict[str, Any] | None = None, max_sequence_length: int = 256):
+                 joint_attention_kwargs: dict[str, Any] | None = None, max_sequence_length: int = 256,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None):
         """Sample with the sCM update (module doc).
 
         Args:
@@ -464,13 +477,17 @@ class SCMFluxPipeline(_FewStepFluxPipeline):
             output_type: "pil", "np", "pt" or "latent" (packed FLUX-normalised latents x̂₀/σ_d).
             joint_attention_kwargs: passed to the attention processors of every call; ``{"scale": s}`` sets the
                 LoRA scale of a LoRA student (and of text-encoder LoRAs) for this call.
+            callback_on_step_end: ``f(pipe, step, t, {"latents": x_t/σ_d})`` after each step (as FluxPipeline);
+                a returned ``"latents"`` replaces the state, ``pipe._interrupt = True`` stops sampling.
         """
         if not isinstance(self.scheduler, SCMScheduler):
             raise TypeError(f"SCMFluxPipeline needs an SCMScheduler, found {type(self.scheduler).__name__}; "
                             "build it with SCMFluxPipeline.from_checkpoint or pass scheduler=SCMScheduler(...)")
         noise, inputs, height, width = self._prepare(
             prompt, prompt_2, height, width, num_inference_steps, num_images_per_prompt, generator, latents,
-            prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length, joint_attention_kwargs)
+            prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length, joint_attention_kwargs,
+            callback_on_step_end_tensor_inputs)
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         device = noise.device
         scheduler = self.scheduler
         if timesteps is not None:
@@ -493,10 +510,14 @@ class SCMFluxPipeline(_FewStepFluxPipeline):
         self._num_timesteps = num_inference_steps
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(scheduler.timesteps[:-1]):
+                if self.interrupt:
+                    break
                 with self._transformer_step(i, trig_to_flow_time(t)):
                     F = self.trigflow_output(x / sigma_d, t.expand(batch), inputs)
                 # SCMScheduler: x̂₀ = cos t·x − sin t·(σ_d F); x ← cos t'·x̂₀ + sin t'·σ_d·ε (ε from `generator`).
                 x = scheduler.step(sigma_d * F, t, x, generator=generator, return_dict=False)[0]
+                if callback_on_step_end is not None:  # the callback sees the unit-variance state x_t/σ_d
+                    x = sigma_d * self._step_end(callback_on_step_end, tensor_inputs, i, t, x / sigma_d)
                 progress.update()
         return self._finish(x / sigma_d, height, width, output_type, return_dict)
 
@@ -531,7 +552,8 @@ class MeanFlowFluxPipeline(_FewStepFluxPipeline):
                  num_images_per_prompt: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
-                 joint_attention_kwargs: dict[str, Any] | None = None, max_sequence_length: int = 256):
+                 joint_attention_kwargs: dict[str, Any] | None = None, max_sequence_length: int = 256,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None):
         """Sample with z_r = z_t − (t − r)·u(z_t, r, t) on the time grid (module doc).
 
         Args:
@@ -543,12 +565,15 @@ class MeanFlowFluxPipeline(_FewStepFluxPipeline):
             latents: optional packed N(0, I) initial noise [B, N, 4C] (= z at t₀).
             output_type: "pil", "np", "pt" or "latent" (packed FLUX-normalised latents).
             joint_attention_kwargs: as for :class:`SCMFluxPipeline`.
+            callback_on_step_end: as for :class:`SCMFluxPipeline`; ``"latents"`` is z at the step's end time.
         """
         if not getattr(self.transformer.config, "interval_embedding", False):
             raise CheckpointError("MeanFlowFluxPipeline needs a dual-timestep student (interval_embedding=True)")
         noise, inputs, height, width = self._prepare(
             prompt, prompt_2, height, width, num_inference_steps, num_images_per_prompt, generator, latents,
-            prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length, joint_attention_kwargs)
+            prompt_embeds, pooled_prompt_embeds, guidance_scale, max_sequence_length, joint_attention_kwargs,
+            callback_on_step_end_tensor_inputs)
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         if timesteps is not None:
             grid = torch.tensor(_as_time_list(timesteps), dtype=torch.float32)
             if len(grid) != num_inference_steps + 1 or grid[0] > 1:
@@ -561,9 +586,11 @@ class MeanFlowFluxPipeline(_FewStepFluxPipeline):
         self._num_timesteps = num_inference_steps
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, (t, r) in enumerate(zip(grid[:-1], grid[1:])):
+                if self.interrupt:
+                    break
                 with self._transformer_step(i, t):
                     u = flow_velocity(self.transformer, z, t.expand(batch), inputs, interval=(t - r).expand(batch))
-                z = z - (t - r) * u
+                z = self._step_end(callback_on_step_end, tensor_inputs, i, t, z - (t - r) * u)
                 progress.update()
         return self._finish(z, height, width, output_type, return_dict)
 

@@ -116,3 +116,44 @@ def test_diffusers_cache_hooks_run_and_stay_close(students, method):
     finally:
         pipe.transformer.disable_cache()
     np.testing.assert_array_equal(_sample(pipe, method), plain)
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_callback_on_step_end_sees_and_replaces_the_state(students, method):
+    pipe = CLASSES[method].from_checkpoint(students["pipe"], students[method])
+    seen = []
+
+    def record(p, step, t, tensors):
+        seen.append((step, float(t), tensors["latents"].clone()))
+        return {}
+
+    final = pipe("a photo of a cat", generator=_gen(), num_inference_steps=STEPS[method], output_type="latent",
+                 **{k: v for k, v in KW.items() if k != "output_type"}, callback_on_step_end=record).images
+    assert [s for s, _, _ in seen] == list(range(STEPS[method]))
+    # The last state the callback saw is what the pipeline decodes (sCM: x/σ_d, MeanFlow: z at t = 0).
+    torch.testing.assert_close(seen[-1][2], final)
+    # Replacing the latents changes what follows; interrupting after step 0 stops the loop.
+    zeroed = pipe("a photo of a cat", generator=_gen(), num_inference_steps=STEPS[method], output_type="latent",
+                  **{k: v for k, v in KW.items() if k != "output_type"},
+                  callback_on_step_end=lambda p, i, t, d: {"latents": torch.zeros_like(d["latents"])}).images
+    assert torch.count_nonzero(zeroed) == 0  # the last step's state is the output (sCM's t_N = 0 adds no noise)
+    calls = []
+
+    def stop(p, step, t, tensors):
+        calls.append(step)
+        p._interrupt = True
+        return {}
+
+    pipe("a photo of a cat", generator=_gen(), num_inference_steps=STEPS[method], **KW, callback_on_step_end=stop)
+    assert calls == [0]
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe("a photo of a cat", num_inference_steps=1, **KW, callback_on_step_end=record,
+             callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_group_offloading_gives_identical_images(students):
+    pipe = MeanFlowFluxPipeline.from_checkpoint(students["pipe"], students["meanflow"])
+    plain = _sample(pipe, "meanflow")
+    pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                          offload_type="block_level", num_blocks_per_group=1)
+    np.testing.assert_array_equal(_sample(pipe, "meanflow"), plain)
