@@ -157,3 +157,28 @@ def test_group_offloading_gives_identical_images(students):
     pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
                                           offload_type="block_level", num_blocks_per_group=1)
     np.testing.assert_array_equal(_sample(pipe, "meanflow"), plain)
+
+
+def test_pipeline_suite_features_on_the_sampler(students, tmp_path):
+    """The PipelineTesterMixin checks a user can hit: variants, per-component dtypes, pipeline-level group
+    offloading, optional components, prompt embeddings encoded separately, batch == single."""
+    pipe = SCMFluxPipeline.from_checkpoint(students["pipe"], students["scm"])
+    ref = _sample(pipe, "scm")
+    close = dict(rtol=0, atol=1e-5)  # reloaded weights are mmap'd: BLAS rounding differs (test_compat_export.py)
+    pipe.save_pretrained(tmp_path / "variant", variant="fp16")
+    assert any(".fp16." in p.name for p in (tmp_path / "variant" / "transformer").iterdir())
+    np.testing.assert_allclose(_sample(SCMFluxPipeline.from_pretrained(tmp_path / "variant", variant="fp16"), "scm"),
+                               ref, **close)
+    mixed = SCMFluxPipeline.from_pretrained(tmp_path / "variant", variant="fp16", image_encoder=None,
+                                            dtype={"transformer": torch.bfloat16, "default": torch.float32})
+    assert (mixed.transformer.dtype, mixed.vae.dtype) == (torch.bfloat16, torch.float32)
+    assert np.isfinite(_sample(mixed, "scm")).all()
+    embeds, pooled, _ = pipe.encode_prompt("a photo of a cat", None, max_sequence_length=KW["max_sequence_length"])
+    by_embeds = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_gen(), num_inference_steps=2, **KW)
+    np.testing.assert_allclose(by_embeds.images, ref, **close)
+    batch = pipe(["a photo of a cat", "a photo of a dog"], generator=[_gen(), torch.Generator().manual_seed(1)],
+                 num_inference_steps=2, **KW).images
+    np.testing.assert_allclose(batch[:1], ref, **close)
+    pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                              offload_type="leaf_level")
+    np.testing.assert_array_equal(_sample(pipe, "scm"), ref)
