@@ -10,9 +10,11 @@ The pieces, each small and named:
   * the step — :func:`_micro_step` (forward/backward of one micro-batch, with all-reduced decisions),
     :func:`_optimizer_step` (clip, step or skip), :func:`_end_window` (counters, hooks), then
     :func:`_check_limits` and :func:`save_checkpoint`;
-  * ``training/hooks.py`` — :class:`Hook`: everything else (metrics, progress bar, and any new
-    feature) is a hook with ``on_train_start / on_update / on_save / on_train_end`` and an optional
-    ``state_dict / load_state_dict`` that is checkpointed generically (``hook_states.pt``);
+  * ``training/hooks.py`` — :class:`Hook`: everything else is a hook with ``on_train_start /
+    on_update / on_save / on_train_end`` and an optional ``state_dict / load_state_dict`` that is
+    checkpointed generically (``hook_states.pt``).  Today: ``training/ema.py`` (EMA, first),
+    ProgressBar and MetricsLogger (``hooks.py``; they feed ``training/trackers.py``) and
+    ``training/validation.py`` (validation grids), built by :func:`build_hooks`;
   * ``training/stop.py`` — :class:`StopRequest`, signals → a clean stop at a step boundary, on every rank.
 To add a feature: write a :class:`Hook` subclass (in its own module) and append it in
 :func:`build_hooks`; the step itself should not need another branch.  To feed the step other
