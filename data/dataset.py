@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "load_hf_dataset",
+    "image_root",
     "Text2ImageDataset",
     "StreamingText2ImageDataset",
     "Text2ImageTransform",
@@ -139,13 +140,50 @@ def _empty_error(where: str, split: str) -> ValueError:
     )
 
 
+#: Caption files a user puts beside an images folder (``data.jsonl`` + ``imgs/``); ``.json`` is left out
+#: because folders often hold JSON info files.
+_CAPTION_FILE_EXTS = {".jsonl", ".csv"}
+_IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+
+
+def _check_imagefolder_metadata(folder: Path) -> None:
+    """An empty ``metadata.jsonl``/``.csv`` makes `datasets` fail with an IndexError: say what to write instead."""
+    for name in _IMAGEFOLDER_METADATA:
+        f = folder / name
+        if f.is_file() and _file_is_empty(f):
+            raise ValueError(
+                f"{f} is empty: an imagefolder's {name} needs one row per image, e.g. "
+                '{"file_name": "imgs/0.png", "text": "a red circle"} (then --caption_column text), '
+                "or delete it and pass the captions with --data_files")
+
+
+def _caption_file_layout(folder: Path, files: list[Path]) -> tuple[str, dict] | None:
+    """A caption file (jsonl/csv) beside images in ``folder``: (builder, kwargs); ambiguous layouts raise."""
+    top = sorted(f for f in files if f.parent == folder and f.suffix.lower() in _CAPTION_FILE_EXTS)
+    captions = [f for f in top if f.name not in _IMAGEFOLDER_METADATA]
+    if not captions or not any(f.suffix.lower() in _IMAGE_EXTS for f in files):
+        return None
+    metadata = [f.name for f in top if f.name in _IMAGEFOLDER_METADATA]
+    if metadata or len(captions) > 1:
+        found = ", ".join([*metadata, *(f.name for f in captions)])
+        raise ValueError(
+            f"{folder} holds images and several caption files ({found}), so it is ambiguous which one to train "
+            f"on. Pass one with --data_files {captions[0]} (relative image paths are read against its folder)"
+            + (f", or --dataset_name imagefolder --data_dir {folder} for the imagefolder's metadata" if metadata else ""))
+    return _EXT_TO_BUILDER[captions[0].suffix.lower()], {"data_files": captions}
+
+
 def _detect_folder(folder: Path) -> tuple[str, dict]:
     """Choose a `datasets` builder for a local folder: (builder, load_dataset kwargs)."""
     if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
         return "load_from_disk", {}
     files = _local_files(folder)
     names = {f.name for f in files}
-    if names & {"metadata.jsonl", "metadata.csv"}:
+    beside_images = _caption_file_layout(folder, files)
+    if beside_images is not None:
+        return beside_images
+    if names & set(_IMAGEFOLDER_METADATA):
+        _check_imagefolder_metadata(folder)
         return "imagefolder", {"data_dir": str(folder)}
     by_builder: dict[str, list[Path]] = {}
     for f in files:
@@ -220,6 +258,8 @@ def load_hf_dataset(
         files = _resolve_data_files(data_files, data_dir) if data_files is not None else None
         if data_dir is not None and not os.path.isdir(data_dir):
             raise ValueError(f"data_dir does not exist: {data_dir!r}")
+        if dataset_name == "imagefolder" and data_dir is not None:
+            _check_imagefolder_metadata(Path(data_dir))
         extra = {"data_dir": data_dir} if data_dir is not None and files is None else {}
         return _load(dataset_name, str(data_files or data_dir), files, **extra)
 
@@ -258,6 +298,40 @@ def load_hf_dataset(
             f"({type(e).__name__}: {e}). Offline runs (HF_DATASETS_OFFLINE=1) need a local path or a cached dataset."
         ) from e
     return _check_rows(ds, repr(dataset_name))
+
+
+def image_root(
+    dataset_name: str | None = None,
+    data_files: str | list[str] | None = None,
+    data_dir: str | None = None,
+) -> str | None:
+    """The folder that relative image paths in the metadata are read against, for the same arguments
+    as :func:`load_hf_dataset`.
+
+    ``data_dir`` when given (it is the dataset root: ``data_files`` are read against it too); else the
+    folder of the metadata file (``--data_files`` or ``--dataset_name FILE``, as `datasets`' imagefolder
+    does with ``metadata.jsonl``) or the local ``--dataset_name`` folder; None for Hub datasets. jsonl/csv
+    files from several folders are ambiguous and raise ``ValueError`` naming the flag that settles it.
+    """
+    if data_dir is not None:
+        return data_dir
+    source = data_files
+    if source is None and dataset_name is not None and dataset_name not in _PACKAGED_BUILDERS:
+        local = os.path.expanduser(dataset_name)
+        if os.path.isdir(local):
+            return local
+        if os.path.isfile(local) or _has_glob(local):
+            source = local
+    if source is None:
+        return None
+    files = _resolve_data_files(source, None)
+    folders = sorted({str(f.parent) for f in files})
+    if len(folders) == 1:
+        return folders[0]
+    if any(f.suffix.lower() in _CAPTION_FILE_EXTS | {".json"} for f in files):
+        raise ValueError(f"the metadata files lie in {len(folders)} folders ({', '.join(folders[:3])}), so relative "
+                         "image paths are ambiguous: pass --data_dir ROOT to read them against ROOT")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,13 +380,15 @@ def decode_image(value: Any, data_dir: str | os.PathLike | None = None) -> Image
             if not path:
                 raise BadSampleError("missing image")
             path = os.path.expanduser(str(path))
-            if data_dir is not None and not os.path.isabs(path):
+            joined = data_dir is not None and not os.path.isabs(path)
+            if joined:
                 path = os.path.join(str(data_dir), path)
             try:
                 with open(path, "rb") as f:
                     data = f.read()
             except FileNotFoundError as e:
-                raise BadSampleError(f"image file not found: {path}") from e
+                hint = f" (relative image paths are read against {data_dir}; --data_dir sets that folder)" if joined else ""
+                raise BadSampleError(f"image file not found: {path}{hint}") from e
             except OSError as e:
                 raise BadSampleError(f"unreadable image file: {e}") from e
         if len(data) == 0:
