@@ -53,6 +53,7 @@ MODELS: dict[str, str] = {
     "rescaled": "Rescaled teacher (Euler)",
     "sCM": "sCM",
     "MeanFlow": "MeanFlow",
+    "chance": "Chance (untrained model)",  # the scorer's floor, evaluation/shapes/chance.py
 }
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -350,18 +351,22 @@ def evaluate_targets(rows: Sequence[dict], reference_nfe: int = 28, margin: floa
     return targets
 
 
-def format_table(rows: Sequence[dict], reference_nfe: int = 28) -> str:
+def format_table(rows: Sequence[dict], reference_nfe: int = 28, chance: Optional[dict] = None) -> str:
     """Markdown table: one row per model × NFE, the six GenEval tasks + overall (percent), and the
-    overall relative to the teacher at ``reference_nfe`` steps."""
+    overall relative to the teacher at ``reference_nfe`` steps.  With ``chance`` (see
+    :mod:`evaluation.shapes.chance`) a last row gives the scorer's floor, and overall scores that do not
+    beat it are marked "(≤ chance)"."""
+    from evaluation.shapes.chance import below_chance, chance_row
     from evaluation.summarize_geneval import TASKS
 
     ref = find_row(rows, "teacher", reference_nfe)
     header = ["Model", "NFE"] + [title for _, title in TASKS] + ["**Overall** [95% CI]", f"vs teacher@{reference_nfe}"]
     lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "|".join("---:" for _ in header[2:]) + "|"]
-    for row in rows:
+    for row in [*rows, *([chance_row(chance)] if chance else [])]:
         cells = [MODELS.get(row["model"], row["model"]), str(row["nfe"])]
         cells += [f"{100 * row['tasks'][tag]:.1f}" if tag in row["tasks"] else "—" for tag, _ in TASKS]
-        cells.append(f"**{100 * row['overall']:.1f}**{_interval_text(row)}")
+        cells.append(f"**{100 * row['overall']:.1f}**{_interval_text(row)}"
+                     + (" (≤ chance)" if below_chance(row, chance) else ""))
         cells.append(f"{100 * row['overall'] / ref['overall']:.0f}%" if ref and ref["overall"] > 0 else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -484,8 +489,10 @@ def plot_transform(nfes: Sequence[int], size: tuple[int, int]):
     return xy
 
 
-def draw_plot(rows: Sequence[dict], path: PathLike, size: tuple[int, int] = (760, 460)) -> Path:
-    """Overall score (%) vs NFE (log2 axis), one line per model, drawn with PIL."""
+def draw_plot(rows: Sequence[dict], path: PathLike, size: tuple[int, int] = (760, 460),
+              chance: Optional[dict] = None) -> Path:
+    """Overall score (%) vs NFE (log2 axis), one line per model, drawn with PIL; a dashed grey line at
+    the scorer's chance floor when ``chance`` is given."""
     from PIL import Image, ImageDraw
 
     width, height = size
@@ -507,6 +514,11 @@ def draw_plot(rows: Sequence[dict], path: PathLike, size: tuple[int, int] = (760
     draw.text(((left + width - right) / 2 - 60, height - 25), "NFE (log scale)", fill=(0, 0, 0), font=font)
     draw.text((left, 12), "GenEval-style overall score on held-out shapes prompts", fill=(0, 0, 0), font=font)
     legend_y = top
+    if chance is not None:
+        _, y = xy(min(nfes), chance["floor"]["overall"])
+        for x in range(left, width - right, 12):
+            draw.line([x, y, min(x + 6, width - right), y], fill=(120, 120, 120), width=2)
+        draw.text((left + 6, y - 16), f"chance {100 * chance['floor']['overall']:.1f}%", fill=(90, 90, 90), font=font)
     for model in MODELS:
         points = sorted((r["nfe"], r["overall"]) for r in rows if r["model"] == model)
         if not points:
@@ -548,13 +560,13 @@ def write_report(out: PathLike, results: dict, metadata: Sequence[dict]) -> dict
     lines = ["# Shapes-world distillation benchmark", ""]
     if results.get("description"):
         lines += [results["description"], ""]
-    lines += [format_table(rows, reference), "", "## Targets (the paper's claims, relative to the teacher at "
+    lines += [format_table(rows, reference, results.get("chance")), "", "## Targets (the paper's claims, relative to the teacher at "
               f"{reference} steps)", "", format_targets(results.get("targets", [])), ""]
     if results.get("wall_time_s") is not None:
         lines += [f"Wall time: {results['wall_time_s'] / 60:.1f} min."]
     _write_text(paths["table"], "\n".join(lines) + "\n")
     draw_grid(rows, metadata, grid_columns(metadata, results.get("grid_prompts", 8)), paths["grid"])
-    draw_plot(rows, paths["plot"])
+    draw_plot(rows, paths["plot"], chance=results.get("chance"))
     _write_text(paths["results"], json.dumps(results, indent=2) + "\n")
     return paths
 
@@ -669,6 +681,12 @@ def run_benchmark(out: PathLike, config: BenchmarkConfig, teacher_dir: PathLike 
         summary = score_samples(folder, metadata, config.n_samples)
         rows.append({"model": model, "nfe": nfe, "guidance": config.guidance_scale, **summary,
                      "samples_dir": str(folder)})
+    # 8. the scorer's floor on the same prompts, seeds and image count (evaluation/shapes/chance.py)
+    from evaluation.shapes.chance import measure_chance
+
+    chance = measure_chance(out / "chance", teacher_dir, heldout, n_samples=config.n_samples,
+                            sample_seed=config.sample_seed, resolution=config.resolution,
+                            guidance_scale=config.guidance_scale, nfe=config.reference_nfe, max_sequence_length=seq_len)
     order = list(MODELS)
     rows.sort(key=lambda r: (order.index(r["model"]), r["nfe"]))
     reference = config.reference_nfe
@@ -685,6 +703,7 @@ def run_benchmark(out: PathLike, config: BenchmarkConfig, teacher_dir: PathLike 
         "reference_nfe": reference,
         "grid_prompts": config.grid_prompts,
         "rows": rows,
+        "chance": chance,
         "targets": evaluate_targets(rows, reference),
         "stage_seconds": {r.stage: round(r.seconds, 1) for r in runner.records},
         "commands": [asdict(r) for r in runner.records],
