@@ -331,7 +331,7 @@ def main(method: str, argv: list[str] | None = None):
         args.resume_path = str(ema_export_of(args.resume_path))
     if rank == 0:
         warn_guidance_range(args)
-    from training.core import check_output_dir_writable
+    from training.launch import check_output_dir_writable
 
     check_output_dir_writable(args.output_dir)  # a read-only disk fails here, before minutes of loading
     components = args.resume_path if _is_pipeline_folder(args.resume_path) else args.pretrained_model_name_or_path

@@ -199,6 +199,12 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise ValueError("--timestep_scale {:g} needs --rescaled_checkpoint_path: stock FLUX weights expect time inputs "
                          "x1000. Make a rescaled teacher with script/rescale_teacher.sh, or pass --timestep_scale 1000."
                          .format(args.timestep_scale))
+    if args.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast and its loss scaler are GPU "
+                             "features); on CPU use --mixed_precision bf16 or no")
     if args.ds_file is not None and not os.path.exists(args.ds_file):
         raise FileNotFoundError(f"--ds_file {args.ds_file} does not exist (see parallel_config/)")
     if getattr(args, "max_train_samples", None) is not None and args.max_train_samples < 1:

@@ -424,10 +424,14 @@ def _check_limits(run: Run, culprits: list[str] | None) -> None:
             f"fraction and resume with --resume_from_checkpoint latest.")
     if culprits is not None and state.consecutive_nonfinite >= max(1, args.max_nonfinite_steps):
         _save(run)
+        # The saved weights are those of the last *finite* update, which may itself be what blew up the
+        # following steps (e.g. --learning_rate 1e8): report their size instead of calling them good.
+        largest = max((float(p.detach().abs().max()) for p in run.unwrapped.parameters() if p.numel()), default=0.0)
         raise TrainingError(
             f"{state.consecutive_nonfinite} consecutive non-finite steps (non-finite: {', '.join(culprits)}); "
-            f"the last good weights (step {state.step}) are saved in "
-            f"{Path(args.output_dir, 'checkpoints', f'checkpoint-{state.step}')}. Lower --learning_rate, "
+            f"the weights after the last finite update (step {state.step}, max |weight| {largest:.3g}) are saved in "
+            f"{Path(args.output_dir, 'checkpoints', f'checkpoint-{state.step}')}; if that update diverged they "
+            "are the cause, so restart from an earlier checkpoint or from scratch. Lower --learning_rate, "
             "check the teacher checkpoint and the data.")
 
 

@@ -44,7 +44,47 @@ def _deepspeed_plugin(args: argparse.Namespace) -> DeepSpeedPlugin | None:
     return DeepSpeedPlugin(hf_ds_config=config)
 
 
+_LAUNCH_FIX = ("launch with bash script/train_<method>.sh (NPROC_PER_NODE=N), or torchrun --nproc_per_node N "
+               "(with ACCELERATE_USE_CPU=true on CPU), or accelerate launch --multi_gpu --num_processes N on GPUs")
+
+
+def check_launch_environment(args: argparse.Namespace, env: dict | None = None) -> None:
+    """Refuse process layouts that would fail deep inside accelerate/DeepSpeed, or silently run wrong.
+
+    * WORLD_SIZE without RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT: no launcher started this process
+      (a stale WORLD_SIZE in the shell); init_process_group would fail or wait.
+    * ``--ds_file`` without a launcher: DeepSpeed needs a process group ("Default process group has
+      not been initialized").
+    * ``accelerate launch --num_processes N`` without ``--multi_gpu``: accelerate's simple launcher
+      starts one process (it only sets MASTER_ADDR), so the N requested processes never exist.
+    """
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise TrainingError(f"WORLD_SIZE={env['WORLD_SIZE']} is set but {'/'.join(missing)} are not: no launcher "
+                                "started this process (a stale WORLD_SIZE in the shell?). Run `unset WORLD_SIZE` for "
+                                f"one process, or {_LAUNCH_FIX}.")
+        return
+    if args.ds_file is not None:
+        raise TrainingError(f"--ds_file {args.ds_file} needs a distributed launcher (DeepSpeed runs in a process group "
+                            f"even for one process): {_LAUNCH_FIX}; or omit --ds_file for a plain single process.")
+    if "MASTER_ADDR" in env and any(k.startswith("ACCELERATE_") for k in env):
+        raise TrainingError("accelerate launch asked for several processes but started only this one (--num_processes "
+                            "without --multi_gpu runs a single process): add --multi_gpu on GPUs, or "
+                            f"{_LAUNCH_FIX}.")
+
+
+def check_process_layout(accelerator: Accelerator) -> None:
+    """More than one process must mean a synchronised run: distributed type NO would train N independent copies."""
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise TrainingError(f"{accelerator.num_processes} processes run with accelerate's distributed type NO, so "
+                            f"they would train {accelerator.num_processes} unsynchronised copies (on CPU, accelerate "
+                            f"launch --multi_gpu does this): {_LAUNCH_FIX}.")
+
+
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
+    check_launch_environment(args)
     plugin = _deepspeed_plugin(args)
     mixed = args.mixed_precision
     if plugin is not None:
@@ -67,6 +107,7 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     if plugin is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise TrainingError(f"--ds_file was given but accelerate runs as {accelerator.distributed_type.value}, not "
                             "DeepSpeed (ACCELERATE_USE_CPU=true turns DeepSpeed off; on CPU set DS_ACCELERATOR=cpu instead).")
+    check_process_layout(accelerator)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise TrainingError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE={expected}: the "

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from data.dataset import Text2ImageDataset, load_hf_dataset
+from data.dataset import Text2ImageDataset, image_root, load_hf_dataset
 from training.common import TrainingError
 from training.stop import ignore_stop_signals, start_iterator
 
@@ -80,7 +80,8 @@ def load_train_dataset(args: argparse.Namespace) -> Text2ImageDataset:
     if limit is not None and limit < len(hf_dataset):
         hf_dataset = hf_dataset.select(range(limit))  # the first rows, as --streaming takes them
     dataset = Text2ImageDataset(hf_dataset, args.resolution, args.image_column, args.caption_column,
-                                center_crop=args.center_crop, random_flip=args.random_flip, data_dir=args.data_dir,
+                                center_crop=args.center_crop, random_flip=args.random_flip,
+                                data_dir=image_root(args.dataset_name, args.data_files, args.data_dir),
                                 seed=args.seed)
     check_dataset_readable(dataset)
     return dataset
