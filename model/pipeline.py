@@ -55,7 +55,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SCMScheduler
+from diffusers import (DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                       SCMScheduler)
 # Folders saved before the transformer's own module exposed ModelMixin name this module as the transformer's
 # library in model_index.json; diffusers' loader finds the class and its loader base class here.
 from diffusers import ModelMixin  # noqa: F401
@@ -336,7 +337,12 @@ class _FewStepFluxPipeline(FluxPipeline):
 
         The teacher's transformer weights are not loaded.  ``scheduler_overrides`` go to the scheduler
         (e.g. ``sigma_data`` for sCM).  The checkpoint's step is kept in ``pipe.checkpoint_step``.
+        ``pretrained_model_name_or_path`` may also be a loaded pipeline (e.g. the teacher's ``FluxPipeline``):
+        its VAE, text encoders and tokenizers are then shared, not loaded again.
         """
+        if isinstance(pretrained_model_name_or_path, DiffusionPipeline):
+            return cls._from_pipeline(pretrained_model_name_or_path, checkpoint_path, timestep_scale=timestep_scale,
+                                      dtype=dtype, revision=revision, lora_base=lora_base, **scheduler_overrides)
         transformer, ckpt = load_student_transformer(checkpoint_path, pretrained_model_name_or_path, method=cls.method,
                                                      timestep_scale=timestep_scale, dtype=dtype, revision=revision,
                                                      lora_base=lora_base)
@@ -347,6 +353,29 @@ class _FewStepFluxPipeline(FluxPipeline):
             scheduler = type(scheduler).from_config({**scheduler.config, **scheduler_overrides})
         pipe = super().from_pretrained(pretrained_model_name_or_path, transformer=transformer, scheduler=scheduler,
                                        revision=revision, dtype=dtype)
+        pipe.checkpoint_step = checkpoint_step(ckpt)
+        return pipe
+
+    @classmethod
+    def _from_pipeline(cls, source: DiffusionPipeline, checkpoint_path: str | os.PathLike, *, timestep_scale, dtype,
+                       revision, lora_base, **scheduler_overrides):
+        """:meth:`from_checkpoint` around a loaded pipeline's components (what a diffusers user passes)."""
+        missing = [name for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+                   if getattr(source, name, None) is None]
+        if missing:
+            raise ValueError(f"{type(source).__name__} has no {', '.join(missing)}: pass a FLUX pipeline (or its folder "
+                             "or hub id) as the first argument of from_checkpoint")
+        # Original-release files carry no transformer config: it comes from where the pipeline was loaded.
+        name_or_path = source.config.get("_name_or_path") or None
+        transformer, ckpt = load_student_transformer(checkpoint_path, name_or_path, method=cls.method,
+                                                     timestep_scale=timestep_scale, dtype=dtype, revision=revision,
+                                                     lora_base=lora_base)
+        scheduler = cls.default_scheduler(dict(source.scheduler.config))
+        if scheduler_overrides:
+            scheduler = type(scheduler).from_config({**scheduler.config, **scheduler_overrides})
+        pipe = cls(scheduler=scheduler, vae=source.vae, text_encoder=source.text_encoder, tokenizer=source.tokenizer,
+                   text_encoder_2=source.text_encoder_2, tokenizer_2=source.tokenizer_2,
+                   transformer=transformer.to(source.device))
         pipe.checkpoint_step = checkpoint_step(ckpt)
         return pipe
 

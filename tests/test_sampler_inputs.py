@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model.loading import load_flux_transformer
@@ -148,3 +149,21 @@ def test_export_diffusers_on_a_read_only_disk(run, small_disk, capsys):
     assert code == 2
     assert err[0].startswith("error: could not write ") and "Read-only file system" in err[0], err
     assert list(disk.iterdir()) == []
+
+
+def test_from_checkpoint_accepts_a_loaded_pipeline(run):
+    """`SCMFluxPipeline.from_checkpoint(pipeline, "transformer_5.pt")`, as the README writes it: the teacher
+    pipeline's components are shared and the images equal those of the path form."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from model.pipeline import SCMFluxPipeline
+
+    teacher = FluxPipeline.from_pretrained(run["pipe"])
+    from_object = SCMFluxPipeline.from_checkpoint(teacher, run["export"])
+    from_path = SCMFluxPipeline.from_checkpoint(run["pipe"], run["export"])
+    assert from_object.vae is teacher.vae and from_object.text_encoder_2 is teacher.text_encoder_2
+    assert from_object.checkpoint_step == 5
+    images = [p("a red circle", height=64, width=64, num_inference_steps=2, max_sequence_length=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images for p in (from_object, from_path)]
+    assert np.array_equal(images[0], images[1])
