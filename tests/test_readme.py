@@ -9,6 +9,7 @@ Conventions for whoever edits README.md (new sections need nothing else):
   ``python -c '...'``) must name an existing entry point, and every ``--flag`` in it must be one that
   entry point's ``--help`` lists (for ``script/*.sh``: the Python entry point the script launches).
   ``...`` stands for "the flags of the line above" and is allowed anywhere.
+* ``accelerate launch`` / ``torchrun`` flags (before the script) are checked against those launchers' parsers.
 * Inline code spans: a ``--flag`` in a span that names an entry point is checked against that entry
   point; any other ``--flag`` must exist in at least one entry point, except a span written right
   after "release's" (``the release's `--optimizer prodigy` ``), which names the original release's flag.
@@ -108,8 +109,21 @@ def _join_quoted(lines: list[str]) -> list[str]:
     return joined + ([buffer] if buffer else [])
 
 
+@lru_cache(maxsize=None)
+def launcher_flags() -> dict[str, frozenset[str]]:
+    """Flags of the launchers the README names (`accelerate launch`, `torchrun`), from their own parsers."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    return {name: frozenset(s for a in parser._actions for s in a.option_strings)
+            for name, parser in (("accelerate", launch_command_parser()), ("torchrun", get_args_parser()))}
+
+
 def entry_of(words: list[str]) -> str | None:
     """The entry point a command runs: 'train_sCM.py', 'evaluation.summarize_geneval', 'script/x.sh', or None."""
+    if words and words[0] in ("accelerate", "torchrun"):  # `accelerate launch [flags] X.py ...`
+        script = next((w for w in words if w.endswith(".py")), None)
+        return script or words[0]
     for i, word in enumerate(words):
         if word in ("python", "python3") and i + 1 < len(words):
             nxt = words[i + 1]
@@ -169,6 +183,11 @@ def check_command(words: list[str], where: str) -> list[str]:
     entry = entry_of(words)
     if entry is None or entry == "-c":
         return []
+    if words[0] in launcher_flags():  # the launcher's own flags come before the script
+        split = words.index(entry) if entry.endswith(".py") else len(words)
+        known = launcher_flags()[words[0]]
+        bad = [f"{where}: {words[0]} has no {flag}" for flag in flags_of(words[:split]) if flag not in known]
+        return bad + (check_command(["python", *words[split:]], where) if split < len(words) else [])
     if entry.endswith(".sh"):
         if not (REPO_ROOT / entry).is_file():
             return [f"{where}: {entry} does not exist"]
@@ -177,6 +196,8 @@ def check_command(words: list[str], where: str) -> list[str]:
         target = entry
     if target is None:
         return [] if not flags_of(words) else [f"{where}: cannot tell which entry point {entry} runs"]
+    if target in launcher_flags():
+        return []
     if any(c in target for c in "*?["):  # `python train_*.py`: each match must exist and take the flags
         matches = sorted(Path(m).relative_to(REPO_ROOT).as_posix() for m in glob.glob(str(REPO_ROOT / target)))
         if not matches:
@@ -228,7 +249,7 @@ def _paragraph_spans(text: str) -> list[list[str]]:
 def test_inline_flags_exist():
     text = re.sub(r"```.*?```", "", README.read_text(), flags=re.S)
     released = set(re.findall(r"release's `([^`]+)`", text))  # the original release's flags, named as such
-    all_flags = frozenset().union(*entry_flags().values())
+    all_flags = frozenset().union(*entry_flags().values(), *launcher_flags().values())
     problems = []
     for spans in _paragraph_spans(text):
         for span in spans:

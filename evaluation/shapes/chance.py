@@ -129,7 +129,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         chance = measure_chance(work, Path(args.teacher_dir), metadata_file, n_samples=args.n_samples,
                                 sample_seed=args.sample_seed, resolution=args.resolution,
                                 guidance_scale=args.guidance_scale, nfe=args.nfe, max_sequence_length=seq_len)
-        chance["settings"].update(heldout_prompts_per_tag=args.heldout_prompts_per_tag, seed=args.seed)
+        from evaluation.shapes.benchmark import teacher_fingerprint
+
+        chance["settings"].update(heldout_prompts_per_tag=args.heldout_prompts_per_tag, seed=args.seed,
+                                  teacher_fingerprint=teacher_fingerprint(args.teacher_dir))
         output.write_text(json.dumps(chance, indent=2) + "\n", encoding="utf-8")
     finally:
         if not args.work_dir:
