@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from data.dataset import Text2ImageTransform, load_hf_dataset
+from data.dataset import Text2ImageTransform, image_root, load_hf_dataset
 from data.streaming import StreamingText2ImageSource
 from training.common import TrainingError
 
@@ -90,7 +90,8 @@ def build_streaming_data(args: argparse.Namespace, rank: int, world_size: int,
     stream = load_hf_dataset(args.dataset_name, args.data_files, args.data_dir, streaming=True, cache_dir=args.cache_dir)
     transform = Text2ImageTransform(args.resolution, args.image_column, args.caption_column,
                                     center_crop=args.center_crop, random_flip=args.random_flip,
-                                    data_dir=args.data_dir, seed=args.seed)
+                                    data_dir=image_root(args.dataset_name, args.data_files, args.data_dir),
+                                    seed=args.seed)
     source = StreamingText2ImageSource(stream, transform, args.train_batch_size, rank, world_size, seed=args.seed,
                                        shuffle_buffer=args.streaming_shuffle_buffer,
                                        max_samples=args.max_train_samples)
