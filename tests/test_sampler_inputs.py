@@ -123,32 +123,20 @@ def test_full_output_disk_is_one_line_and_leaves_no_partial_file(run, small_disk
     assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]  # PNGs are written atomically
 
 
-def test_export_diffusers_on_a_full_disk(run, small_disk, capsys):
+@pytest.mark.parametrize("read_only,reason", [(False, "No space left on device"), (True, "Read-only file system")],
+                         ids=["full", "read_only"])
+def test_export_diffusers_on_a_refusing_disk(run, small_disk, capsys, read_only, reason):
     import export_diffusers
     from training.cli import run_cli
 
-    disk = small_disk(64)
+    disk = small_disk(64, read_only=read_only)
     code = run_cli(lambda: export_diffusers.main(["--method", "scm", "--checkpoint", str(run["export"]),
                                                   "--pretrained_model_name_or_path", run["pipe"],
                                                   "--output_dir", str(disk / "exported")]))
     err = _messages(capsys.readouterr().err)
     assert code == 2
-    assert err[0].startswith("error: could not write ") and "No space left on device" in err[0], err
+    assert err[0].startswith("error: could not write ") and reason in err[0], err
     assert list(disk.iterdir()) == []  # the temporary export folder is gone
-
-
-def test_export_diffusers_on_a_read_only_disk(run, small_disk, capsys):
-    import export_diffusers
-    from training.cli import run_cli
-
-    disk = small_disk(64, read_only=True)
-    code = run_cli(lambda: export_diffusers.main(["--method", "scm", "--checkpoint", str(run["export"]),
-                                                  "--pretrained_model_name_or_path", run["pipe"],
-                                                  "--output_dir", str(disk / "exported")]))
-    err = _messages(capsys.readouterr().err)
-    assert code == 2
-    assert err[0].startswith("error: could not write ") and "Read-only file system" in err[0], err
-    assert list(disk.iterdir()) == []
 
 
 def test_from_checkpoint_accepts_a_loaded_pipeline(run):
