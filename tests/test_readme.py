@@ -11,8 +11,9 @@ Conventions for whoever edits README.md (new sections need nothing else):
   ``...`` stands for "the flags of the line above" and is allowed anywhere.
 * ``accelerate launch`` / ``torchrun`` flags (before the script) are checked against those launchers' parsers.
 * Inline code spans: a ``--flag`` in a span that names an entry point is checked against that entry
-  point; any other ``--flag`` must exist in at least one entry point, except a span written right
-  after "release's" (``the release's `--optimizer prodigy` ``), which names the original release's flag.
+  point; any other ``--flag`` must exist in at least one entry point (or be SLURM's ``--signal``), except a
+  span written right after "release's" or "no" (``the release's `--optimizer prodigy` ``, ``the CLIs have
+  no `--compile` ``), which names a flag that is not ours.
 * The Layout table: every backticked path in its first column exists (globs: at least one match).
 * Run on the tiny CPU fixtures: every block without a ``# needs:`` line that holds only cheap commands
   (samplers, exporter, summariser, curves; listed in ``CHEAP``) and every ```python block. The
@@ -44,6 +45,8 @@ NEEDS = re.compile(r"^#\s*needs:\s*(.+)$")
 CHEAP = {"test_sCM.py", "test_meanflow.py", "test_flux8b.py", "export_diffusers.py", "evaluation.summarize_geneval",
          "training.plot_metrics"}
 SAMPLERS = {"test_sCM.py", "test_meanflow.py", "test_flux8b.py"}
+#: Flags of SLURM's sbatch/srun that the README's long-run section names.
+SLURM_FLAGS = frozenset({"--signal"})
 SMALL_SAMPLING = ["--resolution", "64", "--max_sequence_length", "32", "--max_prompts", "1", "--n_samples", "1",
                   "--no_progress"]
 
@@ -214,6 +217,8 @@ def flags_for(target: str) -> frozenset[str] | None:
     if target in entry_flags():
         return entry_flags()[target]
     path = REPO_ROOT / target
+    if not target.endswith(".py") and (REPO_ROOT / (target.replace(".", "/") + ".py")).is_file():
+        path = REPO_ROOT / (target.replace(".", "/") + ".py")  # python -m benchmarks.x == python benchmarks/x.py
     if not (path.suffix == ".py" and path.is_file() and "__main__" in path.read_text()):
         return None
     parser = _cli_reference().capture_parser("path", str(path), path.name)
@@ -248,8 +253,10 @@ def _paragraph_spans(text: str) -> list[list[str]]:
 
 def test_inline_flags_exist():
     text = re.sub(r"```.*?```", "", README.read_text(), flags=re.S)
-    released = set(re.findall(r"release's `([^`]+)`", text))  # the original release's flags, named as such
-    all_flags = frozenset().union(*entry_flags().values(), *launcher_flags().values())
+    # Flags that are not ours, named as such: the original release's, ones we do not have, SLURM's.
+    released = set(re.findall(r"(?:release's|\bno) `([^`]+)`", text))
+    all_flags_external = SLURM_FLAGS
+    all_flags = frozenset().union(*entry_flags().values(), *launcher_flags().values(), all_flags_external)
     problems = []
     for spans in _paragraph_spans(text):
         for span in spans:
