@@ -80,6 +80,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     g.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens per prompt.")
+    g.add_argument("--conditioning_cache", default=None, metavar="DIR",
+                   help="Train from precomputed T5/CLIP embeddings and VAE latents (python -m data.encode_conditioning): "
+                        "the text encoders and the VAE are never loaded and the dataset flags are not read. Encode "
+                        "it with this run's --resolution, --max_sequence_length, crop/flip flags and pipeline.")
     g.add_argument("--cache_dir", default=None, help="Cache folder for hub downloads.")
     g.add_argument("--max_bad_sample_fraction", type=float, default=0.01,
                    help="Unreadable samples (corrupt/empty image, empty caption) are skipped and logged to "

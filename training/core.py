@@ -68,6 +68,7 @@ from torch import nn
 
 from model.trigflow import FluxInputs
 from training import checkpointing as ckpt
+from data.conditioning_cache import CachedConditioner, open_conditioning_cache
 from training.common import LossOutput, TrainingError
 from training.ema import EMA
 from training.hooks import Hook, MetricsLogger, ProgressBar, RunLog, Update
@@ -213,16 +214,24 @@ def train(args: argparse.Namespace, method: DistillMethod) -> TrainState:
     # Data before models: a missing column or an unreadable dataset fails in seconds, not after loading.
     data = build_train_data(args, accelerator)
     hooks = build_hooks(args)
+    if args.conditioning_cache and any(isinstance(h, Validation) for h in hooks):
+        raise ValueError("--validation_prompt needs the text encoders and the VAE, which --conditioning_cache leaves "
+                         "unloaded: drop one of the two")
 
     set_seed(args.seed)  # identical initialisation on every rank
-    conditioner = build_conditioner(args, accelerator)
+    if args.conditioning_cache:  # embeddings and latents read from disk: no text encoder, no VAE
+        conditioner = CachedConditioner(args.conditioning_cache, accelerator.device)
+        encode = conditioner.encode
+    else:
+        conditioner = build_conditioner(args, accelerator)
+        encode = lambda batch: conditioner(batch["pixel_values"], batch["captions"])  # noqa: E731
     if hasattr(method, "setup"):
         method.setup(conditioner)
     student, teacher, _ = build_models(args, method, accelerator)
     optimizer, lr_scheduler = build_optimizer(args, student)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     run = Run(args, method, accelerator, student, teacher, optimizer, lr_scheduler, data,
-              encode=lambda batch: conditioner(batch["pixel_values"], batch["captions"]), components=conditioner.pipe,
+              encode=encode, components=None if args.conditioning_cache else conditioner.pipe,
               config=config, hooks=hooks)
     if lora_spec(args) is not None:
         attach_lora(run)  # before _restore: checkpoints hold only the trainable tensors
@@ -475,7 +484,13 @@ def export_full_student(run: Run, step: int) -> None:
 
 
 def build_train_data(args: argparse.Namespace, accelerator: Accelerator):
-    """The map-style :class:`TrainData`, or with ``--streaming`` a :class:`StreamingTrainData`."""
+    """The map-style :class:`TrainData` (over images, or over ``--conditioning_cache``), or with ``--streaming`` a
+    :class:`StreamingTrainData`."""
+    if args.conditioning_cache:  # precomputed embeddings and latents (data/conditioning_cache.py)
+        if getattr(args, "streaming", False):
+            raise ValueError("--streaming reads images; --conditioning_cache reads precomputed latents: use one of them")
+        return TrainData(open_conditioning_cache(args), args.train_batch_size, accelerator.process_index,
+                         accelerator.num_processes, args.seed, args.dataloader_num_workers)
     if getattr(args, "streaming", False):
         all_ranks = lambda flag: not _any_rank(accelerator, not flag)
         return build_streaming_data(args, accelerator.process_index, accelerator.num_processes, all_ranks)
