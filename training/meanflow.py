@@ -59,9 +59,13 @@ Choices and deviations from the original release (all documented at the flags):
 Passes per step (merged where the maths allows; the release runs a separate JVP for the CFG and the
 non-CFG rows, and its CFG pass is a second student forward):
     1 teacher forward (B rows) → v_T
-    1 no-grad student forward on 2·B_cfg rows (cond and " " of the CFG rows stacked) → u_c, u_∅
-    1 no-grad JVP over all B rows, per-row tangents (ṽ on CFG rows, v or v_T elsewhere) → du/dt
     1 student forward with grad (B rows) through the possibly DDP/DeepSpeed-wrapped model → u_θ
+      (first when there are CFG rows: on them u_θ(z_t, r, t | c) is u_c wherever h_c = t − r)
+    1 no-grad student forward on B_cfg + B_other rows (" " of every CFG row, and c of the CFG rows whose
+      h_c ≠ t − r: none with ``interval``, those with r < t with ``zero``) → u_∅, the missing u_c
+    1 no-grad JVP over all B rows, per-row tangents (ṽ on CFG rows, v or v_T elsewhere) → du/dt
+Without CFG rows the gradient pass runs last, after the JVP, so the JVP's working set is freed before
+the gradient pass's activations are kept.
 The JVP runs on the unwrapped student (``torch.func.jvp`` cannot go through DDP); gradient
 checkpointing is inactive there by itself (diffusers only checkpoints when grad is enabled).
 """
@@ -288,12 +292,17 @@ class MeanFlowLoss:
 
         with torch.no_grad():
             v_teacher = teacher_velocity(c.path_type, teacher, z_t, t, cond).to(dtype)
+        any_cfg = bool(cfg.any())
+        # With CFG rows the gradient pass goes first: its value u_θ(z_t, r, t | c) is u_c wherever the CFG
+        # pass would evaluate the student at the row's own interval, so those rows skip that pass.
+        u = student(z_t, r, t, cond).to(dtype) if any_cfg else None
+        with torch.no_grad():
             tangent = (v_data if c.jvp_velocity == "data" else v_teacher).clone()
             velocity = v_teacher.clone()
-            if bool(cfg.any()):
+            if any_cfg:
                 idx = cfg.nonzero().reshape(-1)
                 v_tilde = self._guided_velocity(student_for_jvp, z_t[idx], r[idx], t[idx], v_teacher[idx],
-                                                cond.select(idx), uncond)
+                                                cond.select(idx), uncond, u.detach()[idx])
                 tangent[idx] = v_tilde
                 velocity[idx] = v_tilde
             # One JVP for every row: d/dt u(z_t, r, t) along (tangent, 0, 1); interval = t − r inside.
@@ -302,7 +311,8 @@ class MeanFlowLoss:
             dudt = dudt.to(dtype)
             u_target = velocity - _bcast(h, x0) * dudt
 
-        u = student(z_t, r, t, cond).to(dtype)
+        if u is None:  # without CFG rows the JVP ran first, so its working set never meets the graph's
+            u = student(z_t, r, t, cond).to(dtype)
         per_sample = per_sample_sq_norm(u - u_target)  # L_i = Σ (u − u_tgt)²
         if c.weighting == "adaptive":
             weight = 1.0 / (per_sample.detach() + ADAPTIVE_C).pow(c.adaptive_p)
@@ -340,18 +350,29 @@ class MeanFlowLoss:
         return replace(inputs, encoder_hidden_states=enc, pooled_projections=pooled)
 
     def _guided_velocity(self, student: nn.Module, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                         v_teacher: torch.Tensor, cond: FluxInputs, uncond: UncondEmbedding) -> torch.Tensor:
-        """ṽ = ω·v_T + κ·u_c + (1 − ω − κ)·u_∅, with u_c and u_∅ from ONE stacked 2k-row student pass."""
+                         v_teacher: torch.Tensor, cond: FluxInputs, uncond: UncondEmbedding,
+                         u_own: torch.Tensor) -> torch.Tensor:
+        """ṽ = ω·v_T + κ·u_c + (1 − ω − κ)·u_∅ on k CFG rows, with the missing u_c and every u_∅ from ONE
+        stacked student pass.
+
+        ``u_own`` = u_θ(z, r, t | c), the gradient pass's value on these rows: it *is* u_c on the rows where
+        the CFG interval h_c equals t − r (every row with ``interval``, the rows with r = t with ``zero``),
+        so only the other rows' u_c are computed (k + #other rows instead of 2k).
+        """
         c = self.config
         k = z.shape[0]
         r_eval = t if c.cfg_velocity_interval == "zero" else r  # h_c = 0 or t − r
-        both = FluxInputs(
-            torch.cat([cond.encoder_hidden_states,
-                       uncond.encoder_hidden_states.to(cond.encoder_hidden_states).expand(k, -1, -1)]),
-            torch.cat([cond.pooled_projections, uncond.pooled_projections.to(cond.pooled_projections).expand(k, -1)]),
-            cond.txt_ids, cond.img_ids, None if cond.guidance is None else torch.cat([cond.guidance, cond.guidance]))
-        u_both = student(torch.cat([z, z]), torch.cat([r_eval, r_eval]), torch.cat([t, t]), both).to(v_teacher.dtype)
-        u_cond, u_uncond = u_both[:k], u_both[k:]
+        need = (r_eval != r).nonzero().reshape(-1)  # rows whose u_c is not u_own
+        rows = torch.cat([need, torch.arange(k, device=z.device)])  # [u_c rows | u_∅ rows]
+        enc = torch.cat([cond.encoder_hidden_states[need],
+                         uncond.encoder_hidden_states.to(cond.encoder_hidden_states).expand(k, -1, -1)])
+        pooled = torch.cat([cond.pooled_projections[need],
+                            uncond.pooled_projections.to(cond.pooled_projections).expand(k, -1)])
+        stacked = FluxInputs(enc, pooled, cond.txt_ids, cond.img_ids, None if cond.guidance is None else cond.guidance[rows])
+        u_both = student(z[rows], r_eval[rows], t[rows], stacked).to(v_teacher.dtype)
+        u_cond = u_own.to(v_teacher.dtype).clone()
+        u_cond[need] = u_both[:need.numel()]
+        u_uncond = u_both[need.numel():]
         return c.cfg_omega * v_teacher + c.cfg_kappa * u_cond + (1.0 - c.cfg_omega - c.cfg_kappa) * u_uncond
 
 

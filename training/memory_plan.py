@@ -20,7 +20,8 @@ parameters, G GPUs, w bytes per weight: 2 in bf16, 4 in fp32):
 * JVP pass               the live primal + tangent working set of the no-grad JVP (one block at a time),
                          plus the chunked attention's score chunks, 3·B·H·min(1024, S)·S fp32 (0 with the
                          flash-JVP kernel); the JVP runs before the gradient pass, so the peak is the larger
-                         of the two.
+                         of the two — except MeanFlow with CFG, whose gradient pass runs first (its value is
+                         u_c), so there the JVP's working set adds to the kept activations.
 
 Activation and JVP bytes are *measured*, not guessed: the same FLUX classes are run on CPU at the
 target head dimension with 2 heads, one block of each kind and a few tokens, counting the bytes of
@@ -300,7 +301,10 @@ def plan_memory(shape: RunShape, traced: TracedBytes | None = None) -> MemoryPla
     jvp = 0.0 if shape.method == "rescale" else traced.jvp_live(unit, shape.width) + scores
     rows["(activations, gradient pass)"] = activations
     rows["(JVP pass, no grad)"] = jvp
-    peak_extra, phase = (activations, "gradient pass") if activations >= jvp else (jvp, "JVP pass")
+    if shape.method == "MeanFlow+CFG":  # its gradient pass runs first (training/meanflow.py): the graph is alive
+        peak_extra, phase = activations + jvp, "JVP pass on top of the gradient graph"
+    else:
+        peak_extra, phase = (activations, "gradient pass") if activations >= jvp else (jvp, "JVP pass")
     rows["peak working set"] = peak_extra
     return MemoryPlan(shape, rows, phase)
 
