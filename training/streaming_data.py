@@ -23,6 +23,7 @@ import torch
 from data.dataset import Text2ImageTransform, image_root, load_hf_dataset
 from data.streaming import StreamingText2ImageSource
 from training.common import TrainingError
+from training.stop import ignore_stop_signals, start_iterator
 
 PROBES = 8  # samples read up front to check the columns hold usable data
 MIN_BAD_SAMPLES = 10  # the bad-sample limit needs at least this many before it can stop a streamed run
@@ -38,7 +39,7 @@ class StreamingTrainData:
         self.all_ranks = all_ranks
         # Its own generator: creating an iterator never consumes global random numbers (exact resume).
         self.loader = torch.utils.data.DataLoader(source, batch_size=source.batch_size, collate_fn=source.collate_fn,
-                                                  num_workers=num_workers,
+                                                  num_workers=num_workers, worker_init_fn=ignore_stop_signals,
                                                   generator=torch.Generator().manual_seed(source.seed))
         self._rows_read = 0
         self._fallback: dict | None = None
@@ -49,7 +50,7 @@ class StreamingTrainData:
     def batches(self, epoch: int, start_batch: int) -> Iterator[dict]:
         """This rank's micro-batches of ``epoch`` after the first ``start_batch`` ones, while every rank has one."""
         self.source.set_position(epoch, start_batch)
-        it = iter(self.loader)
+        it = start_iterator(self.loader)  # workers never decide a stop (training/stop.py)
         while True:
             batch = next(it, None)
             full = batch is not None and len(batch["indices"]) + len(batch["bad_indices"]) == self.source.batch_size
