@@ -67,7 +67,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from .flux_io import check_resolution
 from .loading import (CheckpointError, LoadedCheckpoint, check_timestep_scale, load_flux_transformer,
                            load_state_dict_strict, read_checkpoint)
-from .lora import ADAPTER_NAME, LORA_WEIGHTS, is_lora_folder, load_lora_student, read_lora_folder
+from .lora import ADAPTER_NAME, LORA_WEIGHTS, has_lora, is_lora_folder, load_lora_student, read_lora_folder
 from .transformer import STOCK_TIMESTEP_SCALE, DistillFluxTransformer2DModel
 from .trigflow import FluxInputs, TrigFlowFlux, flow_velocity, trig_to_flow_time
 
@@ -323,9 +323,16 @@ class _FewStepFluxPipeline(FluxPipeline):
         """diffusers' loader, plus a check that the transformer is a student of this method."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         cls.check_transformer(pipe.transformer, str(pretrained_model_name_or_path))
-        if (Path(pretrained_model_name_or_path) / LORA_WEIGHTS).is_file():  # export_diffusers.py of a LoRA student
-            pipe.load_lora_weights(str(pretrained_model_name_or_path), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME)
         return pipe
+
+    def register_to_config(self, **kwargs):
+        super().register_to_config(**kwargs)
+        # diffusers' DiffusionPipeline.from_pretrained (ours, or plain diffusers with trust_remote_code) ends with
+        # register_to_config(_name_or_path=folder): the moment to apply the adapter export_diffusers.py put beside
+        # a LoRA student's base transformer, whichever loader was used.
+        folder = kwargs.get("_name_or_path")
+        if folder is not None and (Path(folder) / LORA_WEIGHTS).is_file() and not has_lora(self.transformer):
+            self.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME)
 
     @classmethod
     def from_checkpoint(cls, pretrained_model_name_or_path: str, checkpoint_path: str | os.PathLike, *,

@@ -292,6 +292,10 @@ def test_lora_export_samples_like_the_fused_student_and_exports_to_diffusers(lor
     assert (adapter_dir / "pytorch_lora_weights.safetensors").is_file()
     assert not (fused_dir / "pytorch_lora_weights.safetensors").exists()
     np.testing.assert_array_equal(cls.from_pretrained(str(adapter_dir))(prompts, generator=gens(), **kw).images, images)
+    from diffusers import DiffusionPipeline  # plain diffusers, running the folder's shipped code
+
+    plain = DiffusionPipeline.from_pretrained(str(adapter_dir), trust_remote_code=True)
+    np.testing.assert_array_equal(plain(prompts, generator=gens(), **kw).images, images)
     np.testing.assert_allclose(cls.from_pretrained(str(fused_dir))(prompts, generator=gens(), **kw).images, images,
                                atol=2e-5)
 
