@@ -331,6 +331,10 @@ def test_benchmark_end_to_end_on_a_micro_teacher(tmp_path):
     results = B.run_benchmark(out, config, teacher, echo=False)
     for name in ("results.json", "table.md", "grid.png", "plot.png", "commands.log"):
         assert (out / name).is_file(), name
+    # the scorer's floor, measured on the same prompts and image count, is the table's last row
+    assert results["chance"]["settings"]["images"] == results["rows"][0]["total_images"]
+    table_rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
+    assert table_rows[-1].startswith("| Chance (untrained model) | 2 |")
     rows = {(r["model"], r["nfe"]) for r in results["rows"]}
     assert rows == {("teacher", 1), ("teacher", 2), ("rescaled", 2), ("sCM", 1), ("MeanFlow", 1)}
     for row in results["rows"]:
