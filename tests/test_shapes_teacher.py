@@ -170,6 +170,8 @@ def test_recipes_and_the_committed_key():
     assert T.teacher_recipe("v1") == T.TeacherConfig()
     v2 = T.teacher_recipe("v2")
     assert v2.train_text_encoders and v2.flow_guidance == 1.0 and v2.distill_steps > 0
+    v4 = T.teacher_recipe("v4")
+    assert v4.text_pretrain_steps > 0 and not v4.train_text_encoders and v4.distill_steps == v2.distill_steps
     # a build info written before the v2 fields existed keys like the v1 recipe
     old = {k: v for k, v in T.TeacherConfig().to_dict().items()
            if k not in ("train_text_encoders", "flow_guidance") and not k.startswith("distill_")}

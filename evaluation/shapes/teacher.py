@@ -41,7 +41,8 @@ caption dropout, so classifier-free guidance works; then **guidance distillation
 (:func:`run_guidance_distillation`): the guidance embedding learns the CFG velocity for w ~ U[1, 6].
 
 Recipe v3 first pretrains the text encoders to parse the captions (:func:`run_text_pretraining`): the
-joint training of v2 alone separated words but not binding after hundreds of steps.
+joint training of v2 alone separated words but not binding after hundreds of steps. Recipe v4 then
+keeps them frozen during flow matching (as FLUX's): joint training undid the pretrained binding.
 
 Long builds run in resumable stages: with ``state_dir`` every stage keeps its state there and a
 ``Budget`` (``--max_minutes``) stops a call early; the same call again continues bit-identically.
@@ -55,7 +56,7 @@ under a temporary name and renamed into place, so an interrupted build never loo
 Command line::
 
     python -m evaluation.shapes.teacher --output_dir assets/shapes_teacher [--seed 0] [--threads 2]
-    python -m evaluation.shapes.teacher --recipe v3 --output_dir OUT --state_dir STATE --max_minutes 80 \
+    python -m evaluation.shapes.teacher --recipe v4 --output_dir OUT --state_dir STATE --max_minutes 80 \
         --reuse_vae_from assets/shapes_teacher      # repeat until it prints "built teacher"
 """
 from __future__ import annotations
@@ -216,7 +217,8 @@ class TeacherConfig:
 #: Named build recipes. v1: the teacher of issue 6 (frozen random text encoders, guidance input
 #: ignored). v2: text encoders trained jointly, caption dropout for CFG, then guidance distillation.
 #: v3: v2 after a caption-parsing pretraining of the text encoders (text_pretrain_steps).
-RECIPES = ("v1", "v2", "v3")
+#: v4: v3 with the pretrained encoders frozen during flow matching (joint training undid the binding).
+RECIPES = ("v1", "v2", "v3", "v4")
 #: The recipe of the teacher committed in assets/shapes_teacher (what ``--rebuild_teacher`` remakes).
 COMMITTED_RECIPE = "v1"
 
@@ -230,6 +232,8 @@ def teacher_recipe(name: str = COMMITTED_RECIPE) -> TeacherConfig:
                        steps=15000, distill_steps=3000, eval_prompts_per_tag=34, eval_guidance=4.0)
     if name == "v3":
         return replace(teacher_recipe("v2"), text_pretrain_steps=3000)
+    if name == "v4":  # the pretrained encoders stay frozen during flow matching, as FLUX's
+        return replace(teacher_recipe("v3"), train_text_encoders=False)
     raise ValueError(f"unknown teacher recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
@@ -1277,8 +1281,8 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         prog="python -m evaluation.shapes.teacher",
         description="Build (train) the shapes-world FLUX teacher pipeline: a VAE trained on rendered shapes, CLIP/T5 "
                     "text encoders (random and frozen in recipe v1; trained with the transformer in v2; in v3 first "
-                    "pretrained to parse the captions), a FluxTransformer2DModel trained by flow matching (v2/v3: "
-                    "with caption dropout, then guidance-distilled as FLUX-dev). Writes a FluxPipeline folder with "
+                    "pretrained to parse the captions; in v4 pretrained, then frozen), a FluxTransformer2DModel "
+                    "trained by flow matching (v2-v4: with caption dropout, then guidance-distilled as FLUX-dev). Writes a FluxPipeline folder with "
                     f"{BUILD_INFO_NAME} (timings, VAE reconstruction check, held-out score). Long builds run in "
                     "stages: give --state_dir and --max_minutes, and run the same command again to continue.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
