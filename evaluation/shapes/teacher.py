@@ -1190,13 +1190,13 @@ def snapshot_pipeline(state_dir: PathLike, output_dir: PathLike) -> dict:
         modules = {"transformer": pipe.transformer}
         if config.train_text_encoders:
             modules.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
-        if not (state_dir / "flow.pt").is_file():  # only the text encoders so far (untrained transformer)
+        if (state_dir / "text.pt").is_file():  # pretrained encoders (kept as they are when frozen later)
             text = torch.load(state_dir / "text.pt", map_location="cpu", weights_only=False)
             probe = _caption_probe_class()(pipe.text_encoder_2.config.d_model, pipe.text_encoder.config.hidden_size)
             _load_ema({"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2, "probe": probe},
                       text)
             stage, step, total = "text_pretraining", text["step"], config.text_pretrain_steps
-        else:
+        if (state_dir / "flow.pt").is_file():  # the transformer (and the encoders when trained jointly)
             flow = torch.load(state_dir / "flow.pt", map_location="cpu", weights_only=False)
             _load_ema(modules, flow)
             stage, step, total = "flow_matching", flow["step"], config.steps
