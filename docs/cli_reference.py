@@ -75,12 +75,23 @@ def capture_parser(kind: str, target: str, prog: str) -> argparse.ArgumentParser
     return None
 
 
+def _portable(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Write the checkout's path as <repo> in defaults and help *before* argparse wraps the lines, so
+    the wrapping (and the file) is the same wherever the repository is cloned."""
+    def strip(value):
+        return value.replace(str(REPO_ROOT), "<repo>") if isinstance(value, str) else value
+    parser.description, parser.epilog = strip(parser.description), strip(parser.epilog)
+    for action in parser._actions:
+        action.help, action.default = strip(action.help), strip(action.default)
+    return parser
+
+
 def _help(parser: argparse.ArgumentParser) -> str:
-    text = parser.format_help()
+    text = _portable(parser).format_help()
     for action in parser._actions:  # subcommands, if any: their own flags too
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                text += f"\n--- subcommand {name} ---\n" + sub.format_help()
+                text += f"\n--- subcommand {name} ---\n" + _portable(sub).format_help()
     return text.replace(str(REPO_ROOT), "<repo>").rstrip() + "\n"
 
 
