@@ -3,7 +3,9 @@
 #   cached teacher (assets/shapes_teacher) -> train_rescale.py -> train_sCM.py + train_meanflow.py
 #   -> test_flux8b.py / test_sCM.py / test_meanflow.py on held-out prompts -> shapes scorer
 #   -> OUT/results.json, OUT/table.md, OUT/grid.png, OUT/plot.png
-# Usage: bash script/toy_benchmark.sh [OUT] [--quick] [more evaluation.shapes.benchmark flags]
+# Usage: bash script/toy_benchmark.sh [OUT] [--quick] [--ablations all|GROUP,...] [more evaluation.shapes.benchmark flags]
+#   --ablations: also train and score one-option variants of the students (docs/toy_benchmark/ablations.md),
+#   into OUT/ablations/; `all` adds about 75 min to the full run on 2 cores.
 #   OUT defaults to outputs/toy_benchmark (outputs/toy_benchmark_quick with --quick).
 #   Full run: about 15 min on 2 CPU cores; --quick: about 10 min. Re-running OUT skips finished stages
 #   (--fresh redoes them); --rebuild_teacher retrains the teacher too (about 50 min more).

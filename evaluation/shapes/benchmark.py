@@ -33,17 +33,15 @@ import argparse
 import json
 import math
 import os
-import shlex
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
+from evaluation.shapes.runner import REPO_ROOT, BenchmarkError, CommandRecord, NoticeFilter, Runner  # noqa: F401
+from evaluation.shapes.stats import bootstrap_interval, per_prompt_scores  # noqa: F401 (re-exported)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TEACHER_DIR = REPO_ROOT / "assets" / "shapes_teacher"
 #: "By a wide margin": a student must beat the teacher at the same NFE by this much overall score.
 WIDE_MARGIN = 0.10
@@ -126,146 +124,6 @@ QUICK = dict(num_images=1000, heldout_prompts_per_tag=34, n_samples=1, rescale_s
 
 
 # --------------------------------------------------------------------------------------------
-# Running commands
-
-
-class BenchmarkError(RuntimeError):
-    """A stage failed; the message names the command and where its log is."""
-
-
-@dataclass
-class CommandRecord:
-    stage: str
-    command: str
-    seconds: float
-    returncode: int
-    log: str
-    reused: bool = False
-
-
-class NoticeFilter:
-    """Console filter for the stages' output: a third-party notice (a whole line that reads as a warning)
-    is shown the first time only; every later copy is dropped from the console (the stage logs keep
-    everything). Without it, each of the ~28 CLI processes repeats the same import-time notices."""
-
-    MARKERS = (b"warning", b"[transformers]", b"futurewarning", b"userwarning", b"deprecat")
-
-    def __init__(self) -> None:
-        self.seen: set[bytes] = set()
-        self.pending = b""
-
-    def _keep(self, line: bytes) -> bool:
-        text = line.strip()
-        if not any(m in text.lower() for m in self.MARKERS):
-            return True
-        # a notice is identified by its text without timestamps/paths that vary between processes
-        key = text.split(b"]", 1)[-1] if text.startswith(b"[20") else text
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
-
-    def filter(self, chunk: bytes) -> bytes:
-        """Bytes of ``chunk`` to show now: complete lines that pass, then any progress-bar remainder."""
-        data = self.pending + chunk
-        out = []
-        while b"\n" in data:
-            line, data = data.split(b"\n", 1)
-            if self._keep(line):
-                out.append(line + b"\n")
-        if b"\r" in data:  # a progress bar redrawing its line: show it now, it is never a notice
-            out.append(data)
-            data = b""
-        self.pending = data
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        rest, self.pending = self.pending, b""
-        return rest if rest and self._keep(rest) else b""
-
-
-class Runner:
-    """Runs stage commands as subprocesses, tees their output (progress bars included) to the
-    console and ``OUT/logs/<stage>.log``, and skips stages already finished with the same command."""
-
-    def __init__(self, out: Path, threads: int, fresh: bool = False, echo: bool = True, context: str = ""):
-        self.out = out
-        self.fresh = fresh
-        #: Recorded with every finished stage; a different context (e.g. another teacher) reruns it.
-        self.context = context
-        self.echo = echo
-        self.records: list[CommandRecord] = []
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        (out / "stages").mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ)
-        self.env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-                         "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
-                         "PYTHONUNBUFFERED": "1"})
-        self.env.pop("WORLD_SIZE", None)
-        self.console = NoticeFilter()
-
-    def _stamp(self, stage: str) -> Path:
-        return self.out / "stages" / f"{stage}.json"
-
-    def run(self, stage: str, argv: Sequence[str], expect: Sequence[Path] = ()) -> CommandRecord:
-        """Run ``argv`` (from the repository root) unless the same command already finished and
-        every path in ``expect`` exists."""
-        command = " ".join(shlex.quote(str(a)) for a in argv)
-        stamp = self._stamp(stage)
-        log_path = self.out / "logs" / f"{stage}.log"
-        if not self.fresh and stamp.is_file() and all(Path(p).exists() for p in expect):
-            done = json.loads(stamp.read_text(encoding="utf-8"))
-            if done.get("command") == command and done.get("context", "") == self.context:
-                record = CommandRecord(stage, command, done.get("seconds", 0.0), 0, str(log_path), reused=True)
-                self.records.append(record)
-                self._log_line(record)
-                self._say(f"[benchmark] {stage}: reusing the finished run ({done.get('seconds', 0):.0f} s)")
-                return record
-        stamp.unlink(missing_ok=True)
-        self._say(f"[benchmark] {stage}: {command}")
-        start = time.perf_counter()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([str(a) for a in argv], cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
-            assert proc.stdout is not None
-            while True:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                log.write(chunk)
-                if self.echo:
-                    sys.stderr.buffer.write(self.console.filter(chunk))
-                    sys.stderr.flush()
-            if self.echo:
-                sys.stderr.buffer.write(self.console.flush())
-            returncode = proc.wait()
-        seconds = time.perf_counter() - start
-        record = CommandRecord(stage, command, seconds, returncode, str(log_path))
-        self.records.append(record)
-        self._log_line(record)
-        if returncode != 0:
-            tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-            raise BenchmarkError(f"stage {stage} failed (exit {returncode}) after {seconds:.0f} s; log {log_path}; "
-                                 f"last lines: {' | '.join(tail)}")
-        missing = [str(p) for p in expect if not Path(p).exists()]
-        if missing:
-            raise BenchmarkError(f"stage {stage} finished but did not write {', '.join(missing)} (log {log_path})")
-        stamp.write_text(json.dumps({"command": command, "seconds": seconds, "context": self.context}) + "\n",
-                         encoding="utf-8")
-        return record
-
-    def _say(self, text: str) -> None:
-        if self.echo:
-            print(text, file=sys.stderr, flush=True)
-
-    def _log_line(self, record: CommandRecord) -> None:
-        status = "reused" if record.reused else f"exit {record.returncode}"
-        with open(self.out / "commands.log", "a", encoding="utf-8") as fh:
-            fh.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {record.stage}: {record.seconds:.1f} s, {status}\n"
-                     f"{record.command}\n")
-
-
-# --------------------------------------------------------------------------------------------
 # Scores, targets and report files
 
 
@@ -284,40 +142,6 @@ def score_samples(folder: Path, metadata: list[dict], n_samples: int) -> dict:
             "total_images": summary["total_images"],
             "overall_interval": list(bootstrap_interval(per_prompt_scores(rows))),
             "tasks": {tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
-
-
-def per_prompt_scores(rows: Sequence[dict]) -> dict[str, list[float]]:
-    """Scorer rows (one per image) → for each tag, the fraction of correct images of each of its prompts."""
-    prompts: dict[tuple[str, str], list[int]] = {}
-    for row in rows:
-        key = json.dumps(row.get("metadata", {"prompt": row["prompt"]}), sort_keys=True)
-        prompts.setdefault((row["tag"], key), []).append(int(row["correct"]))
-    out: dict[str, list[float]] = {}
-    for (tag, _), hits in sorted(prompts.items()):
-        out.setdefault(tag, []).append(sum(hits) / len(hits))
-    return out
-
-
-def bootstrap_interval(scores: dict[str, Sequence[float]], level: float = 0.95, n_boot: int = 4000,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of GenEval's overall score over prompts.
-
-    overall = mean over tags of (mean over the tag's prompts of the prompt's score); each replicate
-    resamples every tag's prompts with replacement (stratified, as the statistic weights tags equally), so
-    the interval reflects which prompts happened to be drawn — the noise that separates two models scored
-    on the same few prompts. Returns the (1 − level)/2 and (1 + level)/2 quantiles of the replicates.
-    """
-    if not scores or any(len(v) == 0 for v in scores.values()):
-        raise ValueError("bootstrap_interval needs at least one prompt score per tag")
-    rng = np.random.default_rng(seed)
-    means = np.zeros(n_boot)
-    for values in scores.values():
-        arr = np.asarray(values, dtype=np.float64)
-        picks = rng.integers(len(arr), size=(n_boot, len(arr)))
-        means += arr[picks].mean(axis=1)
-    means /= len(scores)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 def find_row(rows: Sequence[dict], model: str, nfe: int) -> Optional[dict]:
@@ -591,110 +415,175 @@ def _python() -> str:
     return sys.executable
 
 
-def run_benchmark(out: PathLike, config: BenchmarkConfig, teacher_dir: PathLike = DEFAULT_TEACHER_DIR,
-                  rebuild_teacher: bool = False, fresh: bool = False, echo: bool = True,
-                  description: str = "") -> dict:
-    """Run every stage (see module doc) and write the report; returns the results dict."""
+#: A trainer's flags in command-line order: ``{"--flag": value}``; a bool renders as ``--flag=True``.
+Flags = dict[str, Any]
+
+
+def render_flags(flags: Flags) -> list:
+    """``{"--a": 1, "--b": True}`` → ``["--a", 1, "--b=True"]`` (the order of the dict)."""
+    argv: list = []
+    for name, value in flags.items():
+        argv += [f"{name}={value}"] if isinstance(value, bool) else [name, value]
+    return argv
+
+
+@dataclass
+class Stages:
+    """What every stage after the teacher and the data needs (built by :func:`prepare_stages`)."""
+
+    runner: Runner
+    config: BenchmarkConfig
+    out: Path
+    teacher_dir: Path
+    #: The teacher's build record (``read_build_info``), empty when it has none.
+    info: dict
+    heldout: Path
+    metadata: list
+    rescaled: Path
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.info.get("config", {}).get("max_sequence_length", 16))
+
+    def train_flags(self) -> Flags:
+        """Flags every trainer of the benchmark gets (model, data, seed, precision, logging)."""
+        c = self.config
+        return {"--pretrained_model_name_or_path": self.teacher_dir, "--data_files": self.out / "data" / "train.parquet",
+                "--resolution": c.resolution, "--max_sequence_length": self.seq_len, "--dataloader_num_workers": 0,
+                "--report_to": "none", "--seed": c.seed, "--mixed_precision": "no", "--checkpoints_total_limit": 1}
+
+
+def prepare_stages(out: Path, config: BenchmarkConfig, teacher_dir: Path, rebuild_teacher: bool = False,
+                   fresh: bool = False, echo: bool = True) -> Stages:
+    """Stages 1–3 (teacher, data, rescale); later stages are reused only for this very teacher."""
     from evaluation.geneval_layout import read_metadata
     from evaluation.shapes.teacher import read_build_info
 
-    config.validate()
-    started = time.perf_counter()
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out, config.threads, fresh=fresh, echo=echo)
     py = _python()
-    teacher_dir = Path(teacher_dir).resolve()
-
-    # 1. teacher
     if rebuild_teacher or not (teacher_dir / "model_index.json").is_file():
         runner.fresh = True  # a new teacher invalidates every later stage
         runner.run("teacher", [py, "-m", "evaluation.shapes.teacher", "--output_dir", teacher_dir,
                                "--seed", config.seed], expect=[teacher_dir / "model_index.json"])
-    # later stages are reused only for this very teacher (same weights)
     runner.context = teacher_fingerprint(teacher_dir)
-    info = read_build_info(teacher_dir) or {}
-    seq_len = int(info.get("config", {}).get("max_sequence_length", 16))
-    common_model = ["--pretrained_model_name_or_path", teacher_dir]
-
-    # 2. data
     data = out / "data"
     runner.run("data", [py, "-m", "evaluation.shapes.domain", "--output_dir", data, "--num_images", config.num_images,
                         "--resolution", config.resolution, "--seed", config.seed,
                         "--heldout_prompts_per_tag", config.heldout_prompts_per_tag],
                expect=[data / "train.parquet", data / "heldout_metadata.jsonl"])
-    heldout = data / "heldout_metadata.jsonl"
-    metadata = read_metadata(heldout)
-    common_train = common_model + ["--data_files", data / "train.parquet", "--resolution", config.resolution,
-                                   "--max_sequence_length", seq_len, "--dataloader_num_workers", 0,
-                                   "--report_to", "none", "--seed", config.seed, "--mixed_precision", "no",
-                                   "--checkpoints_total_limit", 1]
+    stages = Stages(runner, config, out, teacher_dir, read_build_info(teacher_dir) or {},
+                    data / "heldout_metadata.jsonl", read_metadata(data / "heldout_metadata.jsonl"),
+                    out / "rescale" / "rescaled.pt")
+    flags = {**stages.train_flags(), "--output_dir": out / "rescale", "--train_batch_size": config.rescale_batch_size,
+             "--learning_rate": config.rescale_learning_rate, "--max_train_steps": config.rescale_steps,
+             "--checkpointing_steps": config.rescale_steps, "--objective": "self_distill", "--guidance_min": 1.0,
+             "--guidance_max": 5.0}
+    runner.run("rescale", [py, "train_rescale.py", *render_flags(flags)], expect=[stages.rescaled])
+    return stages
 
-    # 3. rescale (x1000 -> x1)
-    rescaled = out / "rescale" / "rescaled.pt"
-    runner.run("rescale", [py, "train_rescale.py", *common_train, "--output_dir", out / "rescale",
-                           "--train_batch_size", config.rescale_batch_size, "--learning_rate",
-                           config.rescale_learning_rate, "--max_train_steps", config.rescale_steps,
-                           "--checkpointing_steps", config.rescale_steps, "--objective", "self_distill",
-                           "--guidance_min", 1.0, "--guidance_max", 5.0], expect=[rescaled])
 
-    # 4. sCM
-    scm_ckpt = out / "sCM" / "ckpts" / f"transformer_{config.scm_steps}.pt"
-    warmup = max(1, round(config.scm_tangent_warmup_fraction * config.scm_steps))
-    runner.run("sCM", [py, "train_sCM.py", *common_train, "--rescaled_checkpoint_path", rescaled,
-                       "--output_dir", out / "sCM", "--train_batch_size", config.scm_batch_size,
-                       "--learning_rate", config.scm_learning_rate, "--max_train_steps", config.scm_steps,
-                       "--checkpointing_steps", config.scm_steps, "--tangent_warmup_steps", warmup,
-                       "--scm_cfg_scale", config.scm_cfg_scale], expect=[scm_ckpt])
+#: The trainer script of each student method.
+TRAINERS = {"sCM": "train_sCM.py", "MeanFlow": "train_meanflow.py"}
+#: The sampling CLI of each student method.
+SAMPLERS = {"sCM": "test_sCM.py", "MeanFlow": "test_meanflow.py"}
 
-    # 5. MeanFlow
-    mf_ckpt = out / "MeanFlow" / "ckpts" / f"transformer_{config.meanflow_steps}.pt"
-    runner.run("MeanFlow", [py, "train_meanflow.py", *common_train, "--rescaled_checkpoint_path", rescaled,
-                            "--output_dir", out / "MeanFlow", "--train_batch_size", config.meanflow_batch_size,
-                            "--learning_rate", config.meanflow_learning_rate, "--max_train_steps",
-                            config.meanflow_steps, "--checkpointing_steps", config.meanflow_steps,
-                            f"--use_cfg_meanflow={config.meanflow_cfg}", "--cfg_omega", config.meanflow_cfg_omega,
-                            "--cfg_kappa", config.meanflow_cfg_kappa, "--cfg_scale", config.meanflow_cfg_scale],
-               expect=[mf_ckpt])
 
-    # 6. sampling (same prompts, seeds and guidance for every model)
-    jobs: list[tuple[str, int, list]] = []
-    for nfe in config.teacher_nfes:
-        jobs.append(("teacher", nfe, ["test_flux8b.py"]))
-    for nfe in config.rescaled_nfes:
-        jobs.append(("rescaled", nfe, ["test_flux8b.py", "--resume_path", rescaled]))
-    for nfe in config.student_nfes:
-        jobs.append(("sCM", nfe, ["test_sCM.py", "--resume_path", scm_ckpt]))
-    for nfe in config.student_nfes:
-        jobs.append(("MeanFlow", nfe, ["test_meanflow.py", "--resume_path", mf_ckpt]))
-    rows = []
-    for model, nfe, cli in jobs:
-        folder = out / "samples" / f"{model}_nfe{nfe}"
-        last = folder / f"{len(metadata) - 1:05d}" / "samples" / f"{config.n_samples - 1:04d}.png"
-        runner.run(f"sample_{model}_nfe{nfe}", [py, *cli, *common_model, "--resolution", config.resolution,
-                                                "--num_inference_steps", nfe, "--guidance_scale",
-                                                config.guidance_scale, "--max_sequence_length", seq_len,
-                                                "--seed", config.sample_seed, "--metadata_file", heldout,
-                                                "--n_samples", config.n_samples, "--batch_size",
-                                                config.sample_batch_size, "--output_dir", folder], expect=[last])
-        # 7. scoring
-        summary = score_samples(folder, metadata, config.n_samples)
-        rows.append({"model": model, "nfe": nfe, "guidance": config.guidance_scale, **summary,
-                     "samples_dir": str(folder)})
+def student_flags(stages: Stages, method: str, folder: Path) -> Flags:
+    """The benchmark's flags of the ``method`` student (the release's defaults where not set here)."""
+    c = stages.config
+    flags = {**stages.train_flags(), "--rescaled_checkpoint_path": stages.rescaled, "--output_dir": folder}
+    if method == "sCM":
+        return {**flags, "--train_batch_size": c.scm_batch_size, "--learning_rate": c.scm_learning_rate,
+                "--max_train_steps": c.scm_steps, "--checkpointing_steps": c.scm_steps,
+                "--tangent_warmup_steps": max(1, round(c.scm_tangent_warmup_fraction * c.scm_steps)),
+                "--scm_cfg_scale": c.scm_cfg_scale}
+    if method == "MeanFlow":
+        return {**flags, "--train_batch_size": c.meanflow_batch_size, "--learning_rate": c.meanflow_learning_rate,
+                "--max_train_steps": c.meanflow_steps, "--checkpointing_steps": c.meanflow_steps,
+                "--use_cfg_meanflow": c.meanflow_cfg, "--cfg_omega": c.meanflow_cfg_omega,
+                "--cfg_kappa": c.meanflow_cfg_kappa, "--cfg_scale": c.meanflow_cfg_scale}
+    raise ValueError(f"unknown student method {method!r}; choose from {', '.join(TRAINERS)}")
+
+
+def apply_overrides(flags: Flags, overrides: Flags) -> Flags:
+    """``flags`` with each of ``overrides`` replacing its value in place (or appended); None removes it."""
+    out = dict(flags)
+    for name, value in overrides.items():
+        if value is None:
+            out.pop(name, None)
+        else:
+            out[name] = value
+    return out
+
+
+def train_student(stages: Stages, method: str, stage: str, folder: Path,
+                  overrides: Optional[Flags] = None) -> Path:
+    """Train a ``method`` student into ``folder`` with the benchmark's flags, ``overrides`` replacing (or,
+    with value None, removing) some; returns its export (``ckpts/transformer_<N>.pt``, a LoRA run's
+    ``ckpts/lora_<N>/``)."""
+    flags = apply_overrides(student_flags(stages, method, folder), overrides or {})
+    steps = flags["--max_train_steps"]
+    lora = int(flags.get("--lora_rank", 0) or 0) > 0
+    export = folder / "ckpts" / (f"lora_{steps}" if lora else f"transformer_{steps}.pt")
+    stages.runner.run(stage, [_python(), TRAINERS[method], *render_flags(flags)], expect=[export])
+    return export
+
+
+def sample_and_score(stages: Stages, name: str, nfe: int, cli: Sequence, folder: Path) -> dict:
+    """Sample the held-out prompts with ``cli`` (script and its model flags) at ``nfe`` steps into
+    ``folder`` (same prompts, seeds and guidance for every model), score them; returns the row."""
+    c = stages.config
+    last = folder / f"{len(stages.metadata) - 1:05d}" / "samples" / f"{c.n_samples - 1:04d}.png"
+    stages.runner.run(f"sample_{name}_nfe{nfe}", [
+        _python(), *cli, "--pretrained_model_name_or_path", stages.teacher_dir, "--resolution", c.resolution,
+        "--num_inference_steps", nfe, "--guidance_scale", c.guidance_scale, "--max_sequence_length", stages.seq_len,
+        "--seed", c.sample_seed, "--metadata_file", stages.heldout, "--n_samples", c.n_samples,
+        "--batch_size", c.sample_batch_size, "--output_dir", folder], expect=[last])
+    summary = score_samples(folder, stages.metadata, c.n_samples)
+    return {"model": name, "nfe": nfe, "guidance": c.guidance_scale, **summary, "samples_dir": str(folder)}
+
+
+def run_benchmark(out: PathLike, config: BenchmarkConfig, teacher_dir: PathLike = DEFAULT_TEACHER_DIR,
+                  rebuild_teacher: bool = False, fresh: bool = False, echo: bool = True,
+                  description: str = "", ablations: Sequence[str] = ()) -> dict:
+    """Run every stage (see module doc), then the ``ablations`` groups (:mod:`evaluation.shapes.ablations`),
+    and write the report; returns the results dict."""
+    config.validate()
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = prepare_stages(out, config, Path(teacher_dir).resolve(), rebuild_teacher, fresh, echo)
+    teacher_dir = stages.teacher_dir
+    # 4.-5. the students, with the release's defaults
+    exports = {method: train_student(stages, method, method, out / method) for method in TRAINERS}
+
+    # 6.-7. sampling and scoring (same prompts, seeds and guidance for every model)
+    jobs: list[tuple[str, int, list]] = [("teacher", nfe, ["test_flux8b.py"]) for nfe in config.teacher_nfes]
+    jobs += [("rescaled", nfe, ["test_flux8b.py", "--resume_path", stages.rescaled]) for nfe in config.rescaled_nfes]
+    for method, export in exports.items():
+        jobs += [(method, nfe, [SAMPLERS[method], "--resume_path", export]) for nfe in config.student_nfes]
+    rows = [sample_and_score(stages, model, nfe, cli, out / "samples" / f"{model}_nfe{nfe}")
+            for model, nfe, cli in jobs]
     # 8. the scorer's floor on the same prompts, seeds and image count (evaluation/shapes/chance.py)
     from evaluation.shapes.chance import measure_chance
 
-    chance = measure_chance(out / "chance", teacher_dir, heldout, n_samples=config.n_samples,
+    chance = measure_chance(out / "chance", teacher_dir, stages.heldout, n_samples=config.n_samples,
                             sample_seed=config.sample_seed, resolution=config.resolution,
-                            guidance_scale=config.guidance_scale, nfe=config.reference_nfe, max_sequence_length=seq_len)
+                            guidance_scale=config.guidance_scale, nfe=config.reference_nfe,
+                            max_sequence_length=stages.seq_len)
     order = list(MODELS)
     rows.sort(key=lambda r: (order.index(r["model"]), r["nfe"]))
     reference = config.reference_nfe
     ref = find_row(rows, "teacher", reference)
     for row in rows:
         row["relative_to_teacher"] = row["overall"] / ref["overall"] if ref and ref["overall"] > 0 else None
+    ablation_results = None
+    if ablations:
+        from evaluation.shapes.ablations import run_ablations
 
-    wall = time.perf_counter() - started
+        ablation_results = run_ablations(stages, ablations, rows, chance)
+
+    info = stages.info
     results = {
         "description": description,
         "config": asdict(config),
@@ -705,11 +594,12 @@ def run_benchmark(out: PathLike, config: BenchmarkConfig, teacher_dir: PathLike 
         "rows": rows,
         "chance": chance,
         "targets": evaluate_targets(rows, reference),
-        "stage_seconds": {r.stage: round(r.seconds, 1) for r in runner.records},
-        "commands": [asdict(r) for r in runner.records],
-        "wall_time_s": wall,
+        **({"ablations": ablation_results} if ablation_results is not None else {}),
+        "stage_seconds": {r.stage: round(r.seconds, 1) for r in stages.runner.records},
+        "commands": [asdict(r) for r in stages.runner.records],
+        "wall_time_s": time.perf_counter() - started,
     }
-    write_report(out, results, metadata)
+    write_report(out, results, stages.metadata)
     return results
 
 
@@ -764,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("meanflow_learning_rate", d.meanflow_learning_rate)):
         p.add_argument(f"--{name}", type=float, default=None, help=f"learning rate (full: {full})")
     p.add_argument("--grid_prompts", type=int, default=None, help=f"prompts (columns) in grid.png (full: {d.grid_prompts})")
+    from evaluation.shapes.ablations import GROUPS, parse_groups
+
+    p.add_argument("--ablations", type=parse_groups, default=(), metavar="GROUPS",
+                   help="after the benchmark, also train and score the ablation groups ('all' or comma-separated: "
+                        f"{', '.join(GROUPS)}; docs/toy_benchmark/ablations.md) against its students; writes "
+                        "OUTPUT_DIR/ablations/")
     p.add_argument("--quiet", action="store_true", help="do not echo the stages' output (logs are still written)")
     return p
 
@@ -798,14 +694,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     mode = "quick" if args.quick else "full"
     try:
         results = run_benchmark(args.output_dir, config, teacher, args.rebuild_teacher, args.fresh,
-                                echo=not args.quiet, description=f"Mode: {mode}. Teacher: {teacher}.")
+                                echo=not args.quiet, description=f"Mode: {mode}. Teacher: {teacher}.",
+                                ablations=args.ablations)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.output_dir)
     print((out / "table.md").read_text(encoding="utf-8"))
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'grid.png'}, {out / 'plot.png'} "
-          f"in {results['wall_time_s'] / 60:.1f} min")
+    if "ablations" in results:
+        print((out / "ablations" / "summary.md").read_text(encoding="utf-8"))
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'grid.png'}, {out / 'plot.png'}"
+          f"{', ' + str(out / 'ablations') if 'ablations' in results else ''} in {results['wall_time_s'] / 60:.1f} min")
     return 0
 
 
