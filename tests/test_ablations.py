@@ -236,6 +236,9 @@ def test_groups_report_every_file_with_paired_deltas_and_verdicts(tmp_path, monk
     table = (root / "timestep_scale" / "table.md").read_text()
     assert "| sCM | ×1000 teacher, no rescaling (`--timestep_scale 1000`) | 2 | **100.0** [100.0, 100.0] | 100% | " \
            "+100.0 [+100.0, +100.0] | better |" in table
+    summary = (root / "summary.md").read_text()
+    assert summary.index("## Verdicts") < summary.index("## sCM from the ×1000 teacher")
+    assert f"- `timestep_scale`: {groups['timestep_scale']['verdicts'][0]}" in summary
     assert [g["name"] for g in results["groups"]] == ["timestep_scale", "max_grad_norm", "lora"]
     assert [a["method"] for a in groups["lora"]["arms"]] == ["sCM", "MeanFlow"]
 
@@ -269,6 +272,7 @@ def test_ablations_end_to_end_on_a_micro_teacher(tmp_path):
                  "timestep_scale/curves.png", "lora/table.md", "lora/plot.png"):
         assert (root / name).is_file(), name
     assert json.loads((out / "results.json").read_text())["ablations"] == json.loads((root / "ablations.json").read_text())
+    assert "[ablations/summary.md](ablations/summary.md)" in (out / "table.md").read_text()
     stages = [c["stage"] for c in results["commands"]]
     assert stages.count("sCM") == 1 and stages.count("MeanFlow") == 1  # the baselines, trained once
     assert {"ablation_sCM_x1000", "ablation_sCM_lora16", "ablation_MeanFlow_lora16"} <= set(stages)

@@ -440,7 +440,8 @@ def write_ablation_report(root: Path, results: dict) -> dict[str, Path]:
     intro = ("# Shapes-world ablations\n\nEach variant changes one option of the benchmark's student (the "
              "release's defaults); same seed, data, steps, prompts and sample seeds. \"Not separated\" means the "
              "95 % paired interval of Δ contains 0: the measurement cannot tell the two apart.\n")
-    _write_text(root / "summary.md", "\n".join([intro, *sections]))
+    verdicts = ["## Verdicts", ""] + [f"- `{g['name']}`: {line}" for g in results["groups"] for line in g["verdicts"]]
+    _write_text(root / "summary.md", "\n".join([intro, *verdicts, "", *sections]))
     _write_text(root / "ablations.json", json.dumps(results, indent=2) + "\n")
     paths["summary.md"], paths["ablations.json"] = root / "summary.md", root / "ablations.json"
     return paths

@@ -388,6 +388,9 @@ def write_report(out: PathLike, results: dict, metadata: Sequence[dict]) -> dict
               f"{reference} steps)", "", format_targets(results.get("targets", [])), ""]
     if results.get("wall_time_s") is not None:
         lines += [f"Wall time: {results['wall_time_s'] / 60:.1f} min."]
+    if results.get("ablations"):
+        lines += ["", "Ablations (one option changed per row, against these students): "
+                      "[ablations/summary.md](ablations/summary.md)."]
     _write_text(paths["table"], "\n".join(lines) + "\n")
     draw_grid(rows, metadata, grid_columns(metadata, results.get("grid_prompts", 8)), paths["grid"])
     draw_plot(rows, paths["plot"], chance=results.get("chance"))
