@@ -232,7 +232,9 @@ def test_groups_report_every_file_with_paired_deltas_and_verdicts(tmp_path, monk
     # a failed variant is reported, the others still ran
     failed = groups["max_grad_norm"]["arms"][0]["variants"][1]
     assert failed["rows"] == [] and "non-finite" in failed["error"]
-    assert "training failed" in groups["max_grad_norm"]["verdicts"][1]
+    assert "not measured: the variant's training failed" in groups["max_grad_norm"]["verdicts"][1]
+    assert "| sCM | clip at 0.1 (`--max_grad_norm 0.1`, the release scripts' value) | — | training failed |" in \
+        (root / "max_grad_norm" / "table.md").read_text()
     table = (root / "timestep_scale" / "table.md").read_text()
     assert "| sCM | ×1000 teacher, no rescaling (`--timestep_scale 1000`) | 2 | **100.0** [100.0, 100.0] | 100% | " \
            "+100.0 [+100.0, +100.0] | better |" in table
@@ -243,11 +245,16 @@ def test_groups_report_every_file_with_paired_deltas_and_verdicts(tmp_path, monk
     assert [a["method"] for a in groups["lora"]["arms"]] == ["sCM", "MeanFlow"]
 
 
-def test_a_variant_equal_to_the_baseline_is_refused(tmp_path, monkeypatch):
+def test_a_variant_equal_to_the_baseline_is_skipped_not_trained(tmp_path, monkeypatch):
     stages = _fake_stages(tmp_path)
     stages.config = replace(stages.config, meanflow_cfg_kappa=0.0)  # the baseline already has κ = 0
-    with pytest.raises(B.BenchmarkError, match="changes nothing"):
-        A.run_group(stages, A.GROUPS["kappa"], [])
+    monkeypatch.setattr(A, "train_student", lambda *a, **k: pytest.fail("a no-op variant must not be trained"))
+    group = A.run_group(stages, A.GROUPS["kappa"], [])
+    variant = group["arms"][0]["variants"][0]
+    assert variant["rows"] == [] and "its own baseline" in variant["skipped"]
+    assert "not measured: the benchmark's MeanFlow student already uses" in group["verdicts"][0]
+    assert "| MeanFlow | κ = 0 (`--cfg_kappa 0`: target ω·v_T, no student term) | — | skipped |" in \
+        A.format_group_table(group)
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,18 +144,24 @@ def run_variant(stages: Stages, variant: Variant, nfes: Sequence[int]) -> dict:
     """Train ``variant`` (its own run folder and stage) and sample it at ``nfes``; a failed training (e.g. a
     collapse that stops the run on non-finite steps) is recorded, not raised, so the other variants run."""
     root = stages.out / "ablations"
-    folder = root / "runs" / variant.key
-    record = {"key": variant.key, "method": variant.method, "label": variant.label,
-              "overrides": {k: (None if v is None else str(v)) for k, v in variant.overrides.items()},
-              "run_dir": str(folder), "rows": [], "error": None}
+    record = _record(stages, variant)
     try:
-        export = train_student(stages, variant.method, f"ablation_{variant.key}", folder, variant.overrides)
+        export = train_student(stages, variant.method, f"ablation_{variant.key}", Path(record["run_dir"]),
+                               variant.overrides)
     except BenchmarkError as exc:
         record["error"] = str(exc)
         return record
     record["rows"] = [sample_and_score(stages, variant.key, nfe, [SAMPLERS[variant.method], "--resume_path", export],
                                        root / "samples" / f"{variant.key}_nfe{nfe}") for nfe in nfes]
     return record
+
+
+def _record(stages: Stages, variant: Variant) -> dict:
+    """The result entry of a variant before it has run."""
+    return {"key": variant.key, "method": variant.method, "label": variant.label,
+            "overrides": {k: (None if v is None else str(v)) for k, v in variant.overrides.items()},
+            "run_dir": str(stages.out / "ablations" / "runs" / variant.key), "rows": [], "error": None,
+            "skipped": None}
 
 
 def compare(variant_rows: Sequence[dict], baseline_rows: Sequence[dict], reference: Optional[dict]) -> list[dict]:
@@ -190,9 +196,10 @@ def run_group(stages: Stages, group: Group, rows: Sequence[dict]) -> dict:
         arm = {"method": method, "baseline_rows": [_slim(r, reference) for r in baseline_rows],
                "baseline_run_dir": str(stages.out / method), "variants": []}
         for variant in (v for v in group.variants if v.method == method):
-            if _same_flags(stages, variant):
-                raise BenchmarkError(f"ablation {variant.key} changes nothing: the benchmark's {method} run already "
-                                     f"uses {variant.overrides}")
+            if _same_flags(stages, variant):  # e.g. the benchmark's defaults were changed to this variant's
+                arm["variants"].append({**_record(stages, variant), "skipped": f"the benchmark's {method} student "
+                                        "already uses these flags, so it is its own baseline"})
+                continue
             record = run_variant(stages, variant, config.student_nfes)
             record["rows"] = [_slim(r, reference) for r in compare(record["rows"], baseline_rows, reference)]
             arm["variants"].append(record)
@@ -227,8 +234,9 @@ def verdict_lines(group: dict) -> list[str]:
     for arm in group["arms"]:
         for variant in arm["variants"]:
             head = f"{arm['method']}, {variant['label']} vs {group['baseline']}"
-            if variant["error"]:
-                lines.append(f"{head}: the variant's training failed ({_first_line(variant['error'])})")
+            if variant["error"] or variant.get("skipped"):
+                why = variant.get("skipped") or f"the variant's training failed ({_first_line(variant['error'])})"
+                lines.append(f"{head}: not measured: {why}")
                 continue
             parts: dict[str, list[str]] = {}
             for row in variant["rows"]:
@@ -278,7 +286,8 @@ def curve_runs(group: dict) -> dict[str, str]:
     for arm in group["arms"]:
         runs[f"{arm['method']} baseline"] = arm["baseline_run_dir"]
         for variant in arm["variants"]:
-            runs[f"{arm['method']} {variant['label']}"] = variant["run_dir"]
+            if not variant.get("skipped"):
+                runs[f"{arm['method']} {variant['label']}"] = variant["run_dir"]
     return runs
 
 
@@ -312,10 +321,10 @@ def format_group_table(group: dict, chance: Optional[float] = None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---|"]
     for arm in group["arms"]:
         entries = [(f"baseline: {group['baseline']}", arm["baseline_rows"], None)]
-        entries += [(v["label"], v["rows"], v["error"]) for v in arm["variants"]]
-        for label, rows, error in entries:
-            if error:
-                lines.append(f"| {arm['method']} | {label} | — | training failed | — | — | see verdicts |")
+        entries += [(v["label"], v["rows"], _not_measured(v)) for v in arm["variants"]]
+        for label, rows, missing in entries:
+            if missing:
+                lines.append(f"| {arm['method']} | {label} | — | {missing} | — | — | see verdicts |")
             for row in rows:
                 rel = row.get("relative_to_teacher")
                 verdict = (row["delta"] or {}).get("verdict", "—") if "delta" in row else "—"
@@ -323,6 +332,12 @@ def format_group_table(group: dict, chance: Optional[float] = None) -> str:
                              f"{'—' if rel is None else f'{100 * rel:.0f}%'} | {_delta_cell(row.get('delta'))} | "
                              f"{verdict} |")
     return "\n".join(lines)
+
+
+def _not_measured(variant: dict) -> Optional[str]:
+    if variant.get("skipped"):
+        return "skipped"
+    return "training failed" if variant["error"] else None
 
 
 def group_markdown(group: dict, chance: Optional[float] = None) -> str:
