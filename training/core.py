@@ -91,7 +91,9 @@ class DistillMethod(Protocol):
     name: str
 
     def build_models(self, args: argparse.Namespace, teacher: nn.Module, student: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """(trainable student module, frozen teacher module) from two loaded FLUX transformers."""
+        """(trainable student module, frozen teacher module) from two FLUX transformers with the same weights.
+
+        ``teacher`` is None when the method says ``uses_teacher = False`` (training/launch.py does not copy it)."""
 
     def loss(self, student: nn.Module, student_unwrapped: nn.Module, teacher: nn.Module,
              latents: torch.Tensor, inputs: FluxInputs, step: int) -> LossOutput:
@@ -100,6 +102,7 @@ class DistillMethod(Protocol):
     def export_state_dict(self, student_unwrapped: nn.Module) -> tuple[dict, dict]:
         """(state dict in the original ``module`` format, transformer config) of the student."""
 
+    # Optional: ``uses_teacher: bool`` (default True) — False when the loss never calls the teacher.
     # Optional: ``resume_invariants: tuple[str, ...]`` — extra flag names that must not change on resume.
     # Optional: ``setup(conditioner)`` — called once with the run's FluxConditioner before the models are
     #   built, for methods that need fixed text embeddings (MeanFlow's " ") from the same encoders.

@@ -5,6 +5,8 @@ Called in this order by :func:`training.core.train`; each fails with a one-line 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import logging
 import os
@@ -201,30 +203,44 @@ def build_conditioner(args: argparse.Namespace, accelerator: Accelerator) -> Flu
     return FluxConditioner(pipe, accelerator.device, args.max_sequence_length)
 
 
-def load_transformers(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
-    """Teacher and student FLUX transformers, both with the rescaled weights when given."""
-    return load_base_transformer(args), load_base_transformer(args)
-
-
 def load_base_transformer(args: argparse.Namespace) -> nn.Module:
-    """One FLUX transformer with the rescaled weights when given (a LoRA run's student and teacher)."""
+    """One FLUX transformer with the rescaled weights when given: the run's only read of the weights."""
     transformer = load_flux_transformer(args.pretrained_model_name_or_path, args.timestep_scale, revision=args.revision)
     if args.rescaled_checkpoint_path:
         load_transformer_weights(transformer, args.rescaled_checkpoint_path)
     return transformer
 
 
+def frozen_copy(source: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """An independent copy of ``source`` (attention processors, config and all) whose floating tensors are made
+    directly in ``dtype`` on ``device``, with gradients off.
+
+    A full-student run's teacher is this copy of the loaded student, made before the method changes the
+    student: the same weights as loading the files a second time, without the second read of the 8B
+    checkpoint, and without a float32 host copy of the teacher when it goes to a GPU in bf16 (each tensor
+    is created on the device; ``copy.deepcopy`` takes them from the memo instead of duplicating ``source``'s).
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(source.parameters(), source.buffers()):
+        copied = tensor.detach().to(device, dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+        memo[id(tensor)] = nn.Parameter(copied, requires_grad=False) if isinstance(tensor, nn.Parameter) else copied
+    return copy.deepcopy(source, memo)
+
+
 def build_models(args: argparse.Namespace, method, accelerator: Accelerator) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(trainable student, frozen teacher on the device, the student's inner FLUX transformer).
 
-    With ``--lora_rank`` the two share one transformer (training/lora.py): no second copy of the weights.
+    The weights are read once.  With ``--lora_rank`` the two share that transformer (training/lora.py): no
+    second copy.  Otherwise the teacher is a :func:`frozen_copy` of it in the training precision, or nothing
+    for a method that never calls its teacher (``method.uses_teacher`` False: rescaling by flow matching).
     """
     spec = lora_spec(args)
+    student_tf = load_base_transformer(args)
     if spec is not None:
-        student_tf = load_base_transformer(args)
         student, teacher = build_tied_models(args, method, student_tf, spec, weight_dtype(accelerator))
     else:
-        teacher_tf, student_tf = load_transformers(args)
+        teacher_tf = (frozen_copy(student_tf, accelerator.device, weight_dtype(accelerator))
+                      if getattr(method, "uses_teacher", True) else None)
         student, teacher = method.build_models(args, teacher_tf, student_tf)
     teacher.requires_grad_(False).eval().to(accelerator.device, weight_dtype(accelerator))
     if args.gradient_checkpointing:

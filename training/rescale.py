@@ -181,9 +181,9 @@ def has_guidance_embedding(transformer: nn.Module) -> bool:
 class RescaleMethod:
     """Teacher rescaling on the shared core (``training.core.train``).
 
-    The core loads both transformers with the stock scale (``args.timestep_scale`` = 1000, no rescaled
-    checkpoint); :meth:`build_models` switches the student to ``target_scale`` (1) and, for
-    ``flow_matching``, drops the teacher, which that objective never calls.
+    The core loads the transformer with the stock scale (``args.timestep_scale`` = 1000, no rescaled
+    checkpoint) and copies it as the teacher; :meth:`build_models` switches the student to ``target_scale``
+    (1).  ``flow_matching`` never calls a teacher, so none is copied (:attr:`uses_teacher`).
     """
 
     name = "rescale"
@@ -198,10 +198,15 @@ class RescaleMethod:
         self.target_scale = float(target_scale)
         self._has_guidance = True
 
-    def build_models(self, args: argparse.Namespace, teacher: DistillFluxTransformer2DModel,
+    @property
+    def uses_teacher(self) -> bool:
+        """flow_matching regresses onto the data velocity: no teacher is copied for it (training/launch.py)."""
+        return self.loss_fn.config.objective == "self_distill"
+
+    def build_models(self, args: argparse.Namespace, teacher: DistillFluxTransformer2DModel | None,
                      student: DistillFluxTransformer2DModel) -> tuple[nn.Module, nn.Module]:
         for role, model in (("teacher", teacher), ("student", student)):
-            if model.timestep_scale != STOCK_TIMESTEP_SCALE:
+            if model is not None and model.timestep_scale != STOCK_TIMESTEP_SCALE:
                 raise TrainingError(f"the rescale trainer starts from stock weights (timestep_scale 1000) but the "
                                     f"{role} was loaded with timestep_scale {model.timestep_scale:g}")
         student.set_timestep_scale(self.target_scale)
