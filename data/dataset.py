@@ -2,9 +2,10 @@
 
 * :func:`load_hf_dataset` loads a Hub dataset, a local folder (imagefolder / parquet / ...), or
   local files and globs, with clear errors for missing paths and empty datasets.
-* :class:`Text2ImageDataset` (map-style) and :class:`StreamingText2ImageDataset` (iterable,
-  sharded by rank and DataLoader worker) decode images themselves, so one corrupt image or
-  empty caption gives a *bad sample* ``{"index": i, "bad_reason": ...}`` instead of an exception.
+* :class:`Text2ImageDataset` (map-style) and :class:`Text2ImageTransform` decode images themselves,
+  so one corrupt image or empty caption gives a *bad sample* ``{"index": i, "bad_reason": ...}``
+  instead of an exception.  The streamed dataset of ``--streaming`` is
+  :class:`data.streaming.StreamingText2ImageSource`, built on the same transform.
 * :func:`collate_text2image` / :class:`Text2ImageCollator` stack the good samples and report the
   bad ones, so the training loop can log and skip them.
 
@@ -18,7 +19,7 @@ import glob
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +29,6 @@ __all__ = [
     "load_hf_dataset",
     "image_root",
     "Text2ImageDataset",
-    "StreamingText2ImageDataset",
     "Text2ImageTransform",
     "Text2ImageCollator",
     "collate_text2image",
@@ -577,7 +577,7 @@ def _prepare_hf(ds, image_column: str, caption_column: str, select: bool = True)
 
 
 class _TransformedDataset:
-    """What the map-style and streaming datasets share: their :class:`Text2ImageTransform`."""
+    """What the map-style and streaming (data/streaming.py) datasets share: their :class:`Text2ImageTransform`."""
 
     transform: "Text2ImageTransform"
 
@@ -647,71 +647,6 @@ class Text2ImageDataset(_TransformedDataset, torch.utils.data.Dataset):
         except Exception as e:  # e.g. an undecodable cell in another feature type
             return {"index": int(index), "bad_reason": f"unreadable row: {type(e).__name__}: {e}"[:200]}
         return self.transform(row, int(index))
-
-
-class StreamingText2ImageDataset(_TransformedDataset, torch.utils.data.IterableDataset):
-    """Iterable text-to-image dataset (e.g. ``load_hf_dataset(..., streaming=True)``).
-
-    Same samples and bad-sample behaviour as :class:`Text2ImageDataset`; ``index`` is the row's
-    position in the full stream. Sharding: row ``i`` goes to rank ``i % world_size`` and, within
-    a rank, to DataLoader worker ``(i // world_size) % num_workers``. Every rank/worker reads the
-    whole stream (decoding only its own images); this bypasses `datasets`' own per-worker file
-    sharding, which would otherwise idle workers when there are fewer files than workers. For
-    very large corpora, pre-split with ``datasets.distributed.split_dataset_by_node`` and pass
-    ``rank=0, world_size=1``.
-    """
-
-    def __init__(
-        self,
-        hf_dataset,
-        resolution: int,
-        image_column: str = "image",
-        caption_column: str = "llava",
-        center_crop: bool = True,
-        random_flip: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        data_dir: str | os.PathLike | None = None,
-        seed: int = 0,
-    ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.dataset = _prepare_hf(hf_dataset, image_column, caption_column, select=False)
-        self.rank, self.world_size = rank, world_size
-        self.transform = Text2ImageTransform(
-            resolution, image_column, caption_column, center_crop, random_flip, data_dir, seed
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def _rows(self) -> Iterator[dict]:
-        import datasets
-
-        if isinstance(self.dataset, datasets.IterableDataset):
-            # .iter() does not apply datasets' automatic per-DataLoader-worker sharding
-            for batch in self.dataset.iter(batch_size=64):
-                keys = list(batch)
-                for values in zip(*(batch[k] for k in keys)):
-                    yield dict(zip(keys, values))
-        else:
-            yield from self.dataset
-
-    def __iter__(self) -> Iterator[dict]:
-        worker = torch.utils.data.get_worker_info()
-        num_workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        total = self.world_size * num_workers
-        shard = self.rank + self.world_size * worker_id
-        cols = (self.transform.image_column, *self.transform.caption_columns)
-        for i, row in enumerate(self._rows()):
-            if i == 0 and not all(c in row for c in cols):
-                missing = next(c for c in cols if c not in row)
-                kind = "image" if missing == cols[0] else "caption"
-                raise _missing_column_error(kind, missing, row.keys())
-            if i % total == shard:
-                yield self.transform(row, i)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from data.dataset import Text2ImageCollator, Text2ImageTransform, _prepare_hf
+from data.dataset import Text2ImageTransform, _prepare_hf, _TransformedDataset
 
 __all__ = ["StreamPosition", "StreamingText2ImageSource"]
 
@@ -41,7 +41,7 @@ class StreamPosition:
         self.epoch, self.batches = int(epoch), int(batches)
 
 
-class StreamingText2ImageSource(torch.utils.data.IterableDataset):
+class StreamingText2ImageSource(_TransformedDataset, torch.utils.data.IterableDataset):
     """This rank's training samples from a streamed `datasets` source (see module doc).
 
     Yields the samples of :class:`~data.dataset.Text2ImageTransform` (good or bad), in micro-batch order
@@ -64,15 +64,7 @@ class StreamingText2ImageSource(torch.utils.data.IterableDataset):
         self.seed, self.shuffle_buffer, self.max_samples = seed, shuffle_buffer, max_samples
         self.position = StreamPosition()
 
-    # -- what the training loop uses ---------------------------------------------------------------------
-
-    @property
-    def resolution(self) -> int:
-        return self.transform.resolution
-
-    @property
-    def collate_fn(self) -> Text2ImageCollator:
-        return Text2ImageCollator(self.resolution)
+    # -- what the training loop uses (also ``resolution`` and ``collate_fn``, from _TransformedDataset) ------
 
     def set_position(self, epoch: int, batches: int) -> None:
         """Start the next iteration at micro-batch ``batches`` of ``epoch`` (crops/flips follow the epoch)."""

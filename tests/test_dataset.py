@@ -1,4 +1,4 @@
-"""Training dataset: loading, image transforms, bad samples, collation, streaming (data/dataset.py)."""
+"""Training dataset: loading, image transforms, bad samples, collation (data/dataset.py; streaming: test_streaming.py)."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from data.dataset import (
-    StreamingText2ImageDataset,
     Text2ImageCollator,
     Text2ImageDataset,
     collate_text2image,
@@ -158,9 +157,6 @@ def test_missing_columns_name_the_column_and_the_flag(small_parquet, cache_dir):
     with pytest.raises(ValueError) as e:
         Text2ImageDataset(ds, 16, image_column="jpg")
     assert "'jpg'" in str(e.value) and "--image_column" in str(e.value)
-    with pytest.raises(ValueError, match="--caption_column"):
-        StreamingText2ImageDataset(load_hf_dataset(str(small_parquet), streaming=True, cache_dir=cache_dir),
-                                   16, caption_column="text")
 
 
 def test_empty_dataset_is_rejected():
@@ -274,38 +270,3 @@ def test_load_errors(tmp_path, cache_dir):
             load_hf_dataset(source, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="Hub"):
         load_hf_dataset("nobody/no-such-dataset-offline", cache_dir=cache_dir)
-
-
-# ------------------------------------------------------------------------ streaming
-
-
-def test_streaming_matches_map_style_and_shards_disjointly(small_parquet, cache_dir):
-    kwargs = dict(resolution=16, center_crop=False, random_flip=True)  # index-seeded randomness too
-    mapped = Text2ImageDataset(load_hf_dataset(str(small_parquet), cache_dir=cache_dir), **kwargs)
-    stream = lambda **kw: StreamingText2ImageDataset(  # noqa: E731
-        load_hf_dataset(str(small_parquet), streaming=True, cache_dir=cache_dir), **kwargs, **kw
-    )
-    full = list(stream())
-    assert [s["index"] for s in full] == list(range(10))
-    for s in full:
-        m = mapped[s["index"]]
-        assert s["caption"] == m["caption"] and torch.equal(s["pixel_values"], m["pixel_values"])
-
-    r0 = [s["index"] for s in stream(rank=0, world_size=2)]
-    r1 = [s["index"] for s in stream(rank=1, world_size=2)]
-    assert r0 == [0, 2, 4, 6, 8] and r1 == [1, 3, 5, 7, 9]
-
-    # DataLoader workers split a rank's share further, still disjoint and complete
-    ds = stream(rank=1, world_size=2)
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=ds.collate_fn)
-    seen = [i for b in loader for i in b["indices"]]
-    assert sorted(seen) == r1 and len(seen) == len(set(seen))
-
-
-def test_streaming_reports_bad_samples():
-    rows = [{"image": _png(_split_image(8, 8)), "llava": "fine"}, {"image": b"", "llava": "zero"},
-            {"image": _png(_split_image(8, 8)), "llava": ""}]
-    stream = StreamingText2ImageDataset(rows, 8)
-    batch = collate_text2image(list(stream), resolution=8)
-    assert batch["indices"] == [0] and batch["bad_indices"] == [1, 2]
-    assert batch["bad_reasons"][1] == "empty caption"

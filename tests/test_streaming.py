@@ -126,6 +126,22 @@ def test_missing_caption_column_is_named(parquet):
         _source(parquet, caption="text,nope")
 
 
+def test_unreadable_rows_are_bad_samples_not_errors():
+    """A zero-byte image and an empty caption are reported (index + reason) and the good row still arrives."""
+    png = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(png, "PNG")
+    rows = [{"image": {"bytes": png.getvalue(), "path": None}, "text": "fine"},
+            {"image": {"bytes": b"", "path": None}, "text": "zero bytes"},
+            {"image": {"bytes": png.getvalue(), "path": None}, "text": ""}]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    stream = datasets.Dataset.from_list(rows, features=features).to_iterable_dataset()
+    source = StreamingText2ImageSource(stream, Text2ImageTransform(8, "image", "text"), batch_size=3)
+    (batch,) = _batches(source)
+    assert batch["indices"] == [0] and batch["bad_indices"] == [1, 2]
+    assert batch["bad_reasons"][1] == "empty caption" and "image" in batch["bad_reasons"][0]
+    assert torch.allclose(batch["pixel_values"], torch.full((1, 3, 8, 8), 200 / 127.5 - 1))
+
+
 def test_bad_sample_base_of_a_stream_grows_with_the_rows_read(parquet):
     from training.streaming_data import StreamingTrainData
 
