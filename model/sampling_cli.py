@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                          "Optional teacher weights replacing the pipeline's transformer (e.g. a rescaled x1 teacher .pt)."))
     if method != "teacher":
         m.add_argument("--use_ema", action="store_true",
-                       help="Sample the EMA weights: the ckpts/transformer_<step>_ema.pt that training with --use_ema "
-                            "wrote beside the --resume_path export.")
+                       help="Sample the EMA weights that training with --use_ema wrote beside the --resume_path export: "
+                            "ckpts/transformer_<step>_ema.pt, or for a LoRA student ckpts/lora_<step>_ema/ (the "
+                            "averaged adapter and heads, on the same base).")
     m.add_argument("--timestep_scale", type=float, default=None,
                    help="Factor on time/guidance inputs of the transformer (1000 = stock FLUX, 1 = rescaled). Default: "
                         "the checkpoint's own config; 1 for original-release .pt files without one"
@@ -158,7 +160,8 @@ def _training_run_config(resume_path: str | None) -> tuple[dict, Path] | None:
     if resume_path is None or not Path(resume_path).exists() or Path(resume_path).parent.name != "ckpts":
         return None
     checkpoints = Path(resume_path).parent.parent / "checkpoints"
-    step = Path(resume_path).stem.rpartition("_")[2]
+    found = re.search(r"_(\d+)(?:_ema)?$", Path(resume_path).stem)  # transformer_<step>[_ema].pt, lora_<step>[_ema]/
+    step = found.group(1) if found else ""
     candidates = [checkpoints / f"checkpoint-{step}"] + sorted(
         checkpoints.glob("checkpoint-*"), key=lambda d: int(d.name.rpartition("-")[2]) if
         d.name.rpartition("-")[2].isdigit() else -1, reverse=True)
@@ -208,16 +211,21 @@ def warn_guidance_range(args: argparse.Namespace) -> str | None:
 
 
 def ema_export_of(resume_path: str) -> Path:
-    """``--use_ema``: the ``transformer_<step>_ema.pt`` beside a ``transformer_<step>.pt`` export."""
+    """``--use_ema``: the EMA export that training with ``--use_ema`` wrote beside ``resume_path``:
+    ``transformer_<step>_ema.pt`` beside ``transformer_<step>.pt``, or, for a LoRA student, the folder
+    ``lora_<step>_ema/`` (the averaged adapter and heads) beside ``lora_<step>/``."""
     from training.checkpointing import ema_sibling
 
-    ema = ema_sibling(resume_path)
+    path = Path(resume_path)
+    lora = re.fullmatch(r"lora_\d+", path.name) is not None
+    ema = path.with_name(path.name + "_ema") if lora else ema_sibling(path)
     if ema is None:
-        raise ValueError(f"--use_ema needs --resume_path to be a training export ckpts/transformer_<step>.pt, got "
-                         f"{resume_path}; or pass an EMA file itself as --resume_path without --use_ema")
-    if not ema.is_file():
-        raise FileNotFoundError(f"--use_ema: there is no {ema.name} beside {resume_path}; only runs trained with "
-                                "--use_ema write one")
+        raise ValueError(f"--use_ema needs --resume_path to be a training export ckpts/transformer_<step>.pt or "
+                         f"ckpts/lora_<step>/, got {resume_path}; or pass an EMA export itself (transformer_<step>_ema.pt, "
+                         "lora_<step>_ema/) as --resume_path without --use_ema")
+    if not ema.exists():
+        raise FileNotFoundError(f"--use_ema: there is no {ema.name}{'/' if lora else ''} beside {resume_path}; only runs "
+                                "trained with --use_ema write one (sample without --use_ema for the raw weights)")
     return ema
 
 

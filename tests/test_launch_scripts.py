@@ -87,6 +87,19 @@ def test_geneval_optional_positionals_stop_at_a_flag(fake_python, tmp_path):
     assert _flag(seen[1:], "--num_inference_steps") == "28" and _flag(seen[1:], "--max_prompts") == "1"
 
 
+def test_geneval_samples_a_lora_run_s_folder_and_its_ema(fake_python, tmp_path):
+    """A LoRA run exports ckpts/lora_<step>/ (no transformer_<step>.pt): the script passes that folder, and --use_ema
+    goes to the sampler (which takes lora_<step>_ema/) with the EMA output folder."""
+    (tmp_path / "run" / "ckpts" / "lora_20").mkdir(parents=True)
+    proc, seen = fake_python("geneval_meanflow.sh", "run", "20", "--use_ema", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _flag(seen[1:], "--resume_path") == "run/ckpts/lora_20" and "--use_ema" in seen
+    assert _flag(seen[1:], "--output_dir").endswith("/images/global_steps20_ema")
+    (tmp_path / "run" / "ckpts" / "transformer_20.pt").touch()  # a full export of that step wins
+    _, seen = fake_python("geneval_sCM.sh", "run", "20", cwd=tmp_path)
+    assert _flag(seen[1:], "--resume_path") == "run/ckpts/transformer_20.pt"
+
+
 @pytest.mark.parametrize("args,first_line", [
     (("run", "20", "two"), "error: NFE (argument 3) must be a positive integer, got 'two'"),
     (("run", "20", "2", "high"), "error: CFG (argument 4) must be a number, got 'high'"),

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
@@ -233,3 +235,66 @@ def test_lora_bf16_with_gradient_checkpointing_keeps_the_base_in_bf16_and_trains
     assert sorted(metrics) == [1, 2] and all(torch.isfinite(torch.tensor(m["loss_sCM"])) for m in metrics.values())
     lora, _ = _lora_tensors(tmp_path / "out", 2)
     assert all(v.dtype == torch.float32 for v in lora.values())
+
+
+def _fused_by_hand(pipe, shadow: dict, alpha_over_rank: float) -> dict[str, torch.Tensor]:
+    """Independent reference of an EMA LoRA student: the base weights with W + (α/r)·B̄·Ā per adapted layer and the
+    averaged heads, from the training state's EMA shadow (not from the export code)."""
+    from model.loading import load_flux_transformer
+
+    state = dict(load_flux_transformer(str(pipe), 1000.0).state_dict())
+    for name, value in shadow.items():
+        name = name.removeprefix("transformer.")
+        if ".lora_A." in name:
+            layer = name.split(".lora_A.")[0]
+            b = shadow[next(k for k in shadow if k.endswith(f"{layer}.lora_B.student.weight"))]
+            state[f"{layer}.weight"] = state[f"{layer}.weight"] + alpha_over_rank * b @ value
+        elif ".lora_B." not in name:
+            state[name] = value  # logvar_linear.* (sCM) or time_text_embed.interval_embedder.* (MeanFlow)
+    return state
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_lora_ema_export_samples_with_use_ema_like_the_hand_fused_average(tiny_assets, tmp_path, monkeypatch, capsys,
+                                                                         method):
+    """train --lora_rank --use_ema → test_sCM.py/test_meanflow.py --resume_path ckpts/lora_<step> --use_ema: the
+    images are those of the base with the EMA adapter and heads fused by hand (a full .pt export), not the raw ones."""
+    from model.sampling_cli import cli, main
+    from train_meanflow import main as meanflow_main
+    from train_sCM import main as scm_main
+
+    pipe, data = tiny_assets
+    out = tmp_path / "run"
+    (scm_main if method == "scm" else meanflow_main)(
+        ["--pretrained_model_name_or_path", str(pipe), "--timestep_scale", "1000", "--data_dir", str(data),
+         "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "2",
+         "--report_to", "none", "--learning_rate", "5e-2", "--lora_rank", "2", "--lora_alpha", "4", "--use_ema",
+         "--ema_decay", "0.5", "--output_dir", str(out)])
+    shadow = torch.load(out / "checkpoints" / "checkpoint-2" / "hook_states.pt", weights_only=True)["ema"]["shadow"]
+    info = json.loads((out / "ckpts" / "lora_2_ema" / "lora_info.json").read_text())
+    reference = tmp_path / "fused_ema.pt"
+    torch.save({"module": _fused_by_hand(pipe, shadow, 4 / 2), "config": info["transformer_config"]}, reference)
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def sample(name, resume, *flags):
+        main(method, ["--pretrained_model_name_or_path", str(pipe), "--resume_path", str(resume), *flags,
+                      "--output_dir", str(tmp_path / name), "--prompt", "a red square", "--n_samples", "1",
+                      "--resolution", "32", "--num_inference_steps", "2", "--no_progress"])
+        return np.asarray(Image.open(tmp_path / name / "00000" / "samples" / "0000.png").convert("RGB")).astype(int)
+
+    ema = sample("ema", f"{out}/ckpts/lora_2/", "--use_ema")  # a trailing slash is the same folder
+    assert np.abs(ema - sample("by_hand", reference)).max() <= 1  # fused vs adapter: float rounding only
+    raw_gap = np.abs(ema - sample("raw", out / "ckpts" / "lora_2")).max()
+    assert raw_gap > 4  # the average, not the raw weights (4× the rounding tolerance above)
+
+    # A LoRA export without an EMA sibling is refused in one line that says what to do; nothing is written.
+    shutil.copytree(out / "ckpts" / "lora_2", tmp_path / "other" / "ckpts" / "lora_2")
+    capsys.readouterr()
+    assert cli(method, ["--pretrained_model_name_or_path", str(pipe), "--resume_path",
+                        str(tmp_path / "other" / "ckpts" / "lora_2"), "--use_ema", "--output_dir",
+                        str(tmp_path / "refused"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "there is no lora_2_ema/ beside" in err and "without --use_ema" in err
+    assert not (tmp_path / "refused").exists()
