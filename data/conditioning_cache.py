@@ -7,8 +7,9 @@ forwards from every step.
 
 Layout of ``DIR``::
 
-    cache.json                what was encoded (pipeline, resolution, T5 length, crops/flips, seed, variants,
-                              dataset flags, shard size, sample count) — checked against the trainer's flags
+    cache.json                what was encoded (pipeline and its identity, encoder dtype, resolution, T5 length,
+                              crops/flips, seed, variants, dataset flags, shard size, sample count) — checked
+                              against the trainer's flags (:func:`check_cache_matches_args`)
     uncond.safetensors        the embeddings of " " (MeanFlow's unconditional prompt), same encoders
     shard-00000.safetensors   samples [0, shard_size), ... each with
                                 index          [n] int64       dataset index
@@ -23,9 +24,17 @@ variants sees exactly the same latents and embeddings; epoch e ≥ V reuses vari
 default centre crop, no flip and one caption column every epoch is identical and one variant suffices.
 Embeddings are stored in the dtype the encoders ran in (``--dtype``: the trainer's precision), so they
 are bit-identical to what the trainer would have computed; latents are float32 (the VAE runs in fp32).
+
+Which encoders made a cache (:func:`pipeline_identity`) is not the spelling of ``--pretrained_model_name_or_path``:
+for a local folder (or a hub id whose snapshot is in the local hub cache) it is a fingerprint of the files of
+``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2`` and ``vae`` (configs and tokenizer files
+in full, weight files by size and sampled bytes, safetensors headers included), so ``./pipe``, ``/abs/pipe/``, a
+symlink or a copy are the same model and a folder whose encoder weights changed is not; for a hub id it is
+also the commit the revision resolved to.  The encoders' dtype must be the trainer's (bf16 runs encode in bf16).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -64,6 +73,7 @@ class CacheSpec:
     shard_size: int
     dataset: dict = field(default_factory=dict)  # dataset_name, data_dir, data_files, image/caption columns
     format: str = CACHE_FORMAT
+    identity: dict | None = None  # pipeline_identity() of the encoders (None: a cache written before it existed)
 
     @property
     def num_shards(self) -> int:
@@ -82,6 +92,81 @@ class CacheSpec:
         if raw.get("format") != CACHE_FORMAT:
             raise ValueError(f"{path} has format {raw.get('format')!r}, this code reads {CACHE_FORMAT!r}; re-encode it")
         return cls(**raw)
+
+
+#: The pipeline parts that make a cache's embeddings and latents (the transformer does not).
+ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+_FULL_HASH_BYTES = 1 << 20  # files up to 1 MiB (configs, tokenizers) are hashed whole
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # larger ones (weights): 16 evenly spaced 64 KiB reads, the header included
+
+
+def _file_fingerprint(path: Path, name: str, digest) -> None:
+    size = path.stat().st_size
+    digest.update(f"{name}:{size}:".encode())
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_BYTES:
+            digest.update(f.read())
+            return
+        for k in range(_SAMPLES):  # a retrained or fine-tuned encoder differs everywhere, so in every sample
+            f.seek(k * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+            digest.update(f.read(_SAMPLE_BYTES))
+
+
+def component_fingerprint(folder: Path) -> str:
+    """A cheap content fingerprint of one pipeline component folder (a few MiB read, whatever its size)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        _file_fingerprint(path, path.relative_to(folder).as_posix(), digest)
+    return digest.hexdigest()[:20]
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path | None, str | None]:
+    """(local snapshot folder, commit) of a hub pipeline from the local hub cache, without network access."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    except Exception:  # an invalid repo id, no hub cache: nothing known locally
+        return None, None
+    if not isinstance(found, str):
+        return None, None
+    snapshot = Path(found).parent
+    return snapshot, snapshot.name
+
+
+def pipeline_identity(pretrained: str, revision: str | None) -> dict:
+    """What identifies the encoders of ``pretrained`` (see module doc): ``source`` (resolved path or hub id, for
+    messages), ``commit`` (hub only, when known) and ``components`` (fingerprints, when the files are local)."""
+    local = Path(pretrained)
+    if local.exists():
+        folder, identity = local, {"source": os.path.realpath(local), "commit": None}
+    else:
+        folder, commit = _hub_snapshot(str(pretrained), revision)
+        identity = {"source": str(pretrained), "commit": commit}
+    parts = {name: component_fingerprint(folder / name) for name in ENCODER_COMPONENTS
+             if folder is not None and (folder / name).is_dir()}
+    identity["components"] = parts or None
+    return identity
+
+
+def identity_mismatch(spec: "CacheSpec", current: dict, revision: str | None) -> str | None:
+    """Why the encoders of the cache ``spec`` are not those of ``current`` (a :func:`pipeline_identity` of the
+    pipeline asked for with ``revision``), or None when they are the same.
+
+    Fingerprints decide when both sides have them; else hub commits; else the resolved names and revisions
+    (a hub id not in the local hub cache, or a cache written before identities were recorded).
+    """
+    cached = spec.identity or {"source": os.path.realpath(spec.pretrained_model_name_or_path)
+                               if Path(spec.pretrained_model_name_or_path).exists() else spec.pretrained_model_name_or_path}
+    if cached.get("components") and current.get("components"):
+        differ = sorted(k for k in set(cached["components"]) | set(current["components"])
+                        if cached["components"].get(k) != current["components"].get(k))
+        return f"other {'/'.join(differ)} files" if differ else None
+    if cached.get("commit") and current.get("commit"):
+        return None if cached["commit"] == current["commit"] else f"commit {cached['commit']}"
+    if cached["source"] == current["source"] and spec.revision == revision:
+        return None
+    return f"{cached['source']!r} at revision {spec.revision}"
 
 
 def write_atomic(path: Path, write) -> None:
@@ -223,10 +308,10 @@ class CachedConditioner:
                                                           batch["pooled"].to(d).float(), self.txt_ids, self.img_ids)
 
 
-def check_cache_matches_args(spec: CacheSpec, args) -> None:
-    """One-line error when the cache was encoded with other flags than the trainer's."""
+def check_cache_matches_args(spec: CacheSpec, args, text_dtype: torch.dtype) -> None:
+    """One-line error when the cache was encoded with other flags, other encoders or another encoder dtype than
+    the trainer's (``text_dtype``: the precision the trainer's text encoders would run in)."""
     wanted = {"resolution": args.resolution, "max_sequence_length": args.max_sequence_length,
-              "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path), "revision": args.revision,
               "center_crop": args.center_crop, "random_flip": args.random_flip}
     if spec.random_flip or not spec.center_crop or "," in str(spec.dataset.get("caption_column", "")):
         wanted["seed"] = args.seed  # random crops/flips/caption choices are seeded by (seed, epoch, index)
@@ -234,10 +319,31 @@ def check_cache_matches_args(spec: CacheSpec, args) -> None:
         if getattr(spec, name) != value:
             raise ValueError(f"--conditioning_cache was encoded with {name}={getattr(spec, name)!r} but this run has "
                              f"--{name} {value!r}; re-encode the cache with the run's flags or change the flag")
+    other = identity_mismatch(spec, pipeline_identity(str(args.pretrained_model_name_or_path), args.revision),
+                              args.revision)
+    if other is not None:
+        raise ValueError(f"--conditioning_cache was encoded by {spec.pretrained_model_name_or_path!r} ({other}) but "
+                         f"this run's --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} has "
+                         "different text encoders/VAE; re-encode the cache with this pipeline (python -m "
+                         "data.encode_conditioning) or pass the pipeline it was encoded with")
+    dtype = str(text_dtype).removeprefix("torch.")
+    if spec.dtype != dtype:
+        raise ValueError(f"--conditioning_cache was encoded with the text encoders in {spec.dtype} but this run's "
+                         f"precision encodes in {dtype} (--mixed_precision / the DeepSpeed config); re-encode with "
+                         f"--dtype {dtype}, or train in the cache's precision")
 
 
-def open_conditioning_cache(args) -> ConditioningCacheDataset:
-    """The trainer's ``--conditioning_cache``: the dataset view, checked against the run's flags."""
+def spec_differences(old: CacheSpec, new: CacheSpec) -> list[str]:
+    """Fields in which two caches' settings differ, the encoders compared by identity rather than by name."""
+    names = [k for k in vars(new) if k not in ("pretrained_model_name_or_path", "revision", "identity")]
+    differ = [k for k in names if getattr(old, k) != getattr(new, k)]
+    if identity_mismatch(old, pipeline_identity(new.pretrained_model_name_or_path, new.revision), new.revision):
+        differ.insert(0, "pretrained_model_name_or_path")
+    return differ
+
+
+def open_conditioning_cache(args, text_dtype: torch.dtype) -> ConditioningCacheDataset:
+    """The trainer's ``--conditioning_cache``: the dataset view, checked against the run's flags and precision."""
     dataset = ConditioningCacheDataset(args.conditioning_cache)
-    check_cache_matches_args(dataset.spec, args)
+    check_cache_matches_args(dataset.spec, args, text_dtype)
     return dataset

@@ -51,9 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "reuse variant epoch mod V). 1 is exact for centre crops without flips and one caption column.")
     g.add_argument("--shard_size", type=int, default=256, help="Samples per shard file.")
     g.add_argument("--batch_size", type=int, default=16, help="Samples per encoder call.")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="Text-encoder precision = the trainer's: bfloat16 for the DeepSpeed bf16 scripts, float32 "
-                        "for --mixed_precision no (the VAE always runs in float32).")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="Text-encoder precision = the trainer's (it refuses another): bfloat16 for the DeepSpeed bf16 "
+                        "scripts and --mixed_precision bf16, float16 for fp16, float32 for --mixed_precision no (the "
+                        "VAE always runs in float32).")
     args = p.parse_args(argv)
     for name in ("variants", "shard_size", "batch_size"):
         if getattr(args, name) < 1:
@@ -66,12 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cache_spec(args: argparse.Namespace, num_samples: int):
-    from data.conditioning_cache import CacheSpec
+    from data.conditioning_cache import CacheSpec, pipeline_identity
 
     dataset = {k: getattr(args, k) for k in ("dataset_name", "data_files", "data_dir", "image_column", "caption_column")}
-    return CacheSpec(str(args.pretrained_model_name_or_path), args.revision, args.resolution, args.max_sequence_length,
+    pretrained = str(args.pretrained_model_name_or_path)
+    return CacheSpec(pretrained, args.revision, args.resolution, args.max_sequence_length,
                      args.dtype, args.center_crop, args.random_flip, args.seed, args.variants, num_samples,
-                     args.shard_size, dataset)
+                     args.shard_size, dataset, identity=pipeline_identity(pretrained, args.revision))
 
 
 def encode_shard(dataset, conditioner, indices: list[int], variants: int, batch_size: int, progress) -> tuple:
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from data.conditioning_cache import (META_FILE, UNCOND_FILE, CacheSpec, save_shard, shard_is_complete, shard_name,
-                                         write_atomic, write_json_atomic)
+                                         spec_differences, write_atomic, write_json_atomic)
     from model.flux_io import FluxConditioner, check_resolution, load_flux_components
     from training.train_data import load_train_dataset
 
@@ -139,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_train_dataset(args)  # fails in seconds on a wrong column, before any encoder is loaded
     spec = cache_spec(args, len(dataset))
     if (out / META_FILE).is_file():
-        old = CacheSpec.read(out)
-        if old != spec:
-            diff = [k for k in vars(spec) if getattr(old, k) != getattr(spec, k)]
+        diff = spec_differences(CacheSpec.read(out), spec)
+        if diff:
             raise ValueError(f"{out} holds a cache encoded with other settings ({', '.join(diff)}); use another "
                              "--output_dir or the same flags")
     out.mkdir(parents=True, exist_ok=True)

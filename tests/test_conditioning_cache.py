@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +172,108 @@ def test_cached_run_resumes_exactly(tiny_assets, cache, tmp_path):
     assert [a[s]["loss_sCM"] for s in (1, 2)] == [b[s]["loss_sCM"] for s in (1, 2)]
     assert_same_weights(load_export(tmp_path / "straight", 2), load_export(tmp_path / "part", 2))
     shutil.rmtree(tmp_path)
+
+
+# ------------------------------------------------------------------------- which encoders made the cache
+
+def _check(cache_dir, pipe, data, dtype=torch.float32, **flags):
+    from data.conditioning_cache import CacheSpec, check_cache_matches_args
+
+    check_cache_matches_args(CacheSpec.read(cache_dir), _scm_args(pipe, data, Path("unused"), **flags), dtype)
+
+
+def _perturb_weights(file: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(file)
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}, str(file), {"format": "pt"})
+
+
+def test_cache_identity_is_the_encoders_not_the_spelling_of_the_path(tiny_assets, cache, tmp_path, monkeypatch):
+    """./relative/ with a trailing slash, a symlink and a copy of the pipeline are the same encoders; the same
+    folder name with other text-encoder or VAE weights is not; resuming an encode by another spelling works."""
+    import shutil
+
+    pipe, data = tiny_assets
+    monkeypatch.chdir(pipe.parent)
+    (tmp_path / "link").symlink_to(pipe, target_is_directory=True)
+    copy = tmp_path / "copy"
+    shutil.copytree(pipe, copy)
+    for spelling in (f"./{pipe.name}/", tmp_path / "link", copy):
+        _check(cache, spelling, data)  # accepted
+
+    same_name = tmp_path / "same_name"
+    shutil.copytree(pipe, same_name)
+    encoded = tmp_path / "encoded_from_same_name"
+    shutil.copytree(cache, encoded)
+    meta = json.loads((encoded / "cache.json").read_text())
+    from data.conditioning_cache import pipeline_identity
+
+    meta.update(pretrained_model_name_or_path=str(same_name), identity=pipeline_identity(str(same_name), None))
+    (encoded / "cache.json").write_text(json.dumps(meta))
+    _check(encoded, same_name, data)
+    for part, weights in (("text_encoder_2", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
+        _perturb_weights(same_name / part / weights)
+        with pytest.raises(ValueError, match=f"encoded by .*same_name.* \\(other .*{part}.* files\\) but this run's "
+                                             "--pretrained_model_name_or_path .*re-encode the cache"):
+            _check(encoded, same_name, data)
+    _perturb_weights(copy / "transformer" / "diffusion_pytorch_model.safetensors")
+    _check(cache, copy, data)  # the transformer does not make the cache
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(cache, resumed)
+    before = _digest(resumed)
+    assert _encode(Path(f"./{pipe.name}/"), data, resumed) == 0  # same encoders: nothing to redo, nothing refused
+    assert _digest(resumed) == before
+
+
+def test_cache_encoded_in_another_dtype_is_refused_by_the_trainer(tiny_assets, cache, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from training.scm import SCMMethod
+
+    pipe, data = tiny_assets
+    args = _scm_args(pipe, data, tmp_path / "bf16", conditioning_cache=cache, mixed_precision="bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state fixes the precision
+    try:
+        with pytest.raises(ValueError, match="text encoders in float32 but this run's precision encodes in bfloat16 .*"
+                                             "re-encode with --dtype bfloat16"):
+            train(args, SCMMethod.from_args(args))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not (tmp_path / "bf16" / "checkpoints").exists()
+    _check(cache, pipe, data, dtype=torch.float32)  # the matching precision is accepted
+
+
+def test_large_file_fingerprint_samples_whole_file_changes(tmp_path):
+    from data.conditioning_cache import component_fingerprint
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal(3 * 2 ** 20 // 4).astype(np.float32)  # 3 MiB: sampled, not hashed whole
+    for name, values in (("a", weights), ("b", weights), ("c", weights + np.float32(1e-3))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(values.tobytes())
+    assert component_fingerprint(tmp_path / "a") == component_fingerprint(tmp_path / "b")
+    assert component_fingerprint(tmp_path / "a") != component_fingerprint(tmp_path / "c")
+
+
+def test_hub_pipeline_identity_uses_the_local_snapshot_and_its_commit(tiny_assets, tmp_path, monkeypatch):
+    """A hub id whose snapshot is in the local hub cache: its fingerprints and commit, equal to the snapshot
+    folder's own fingerprints; a hub id known nowhere locally falls back to its name."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from data.conditioning_cache import pipeline_identity
+
+    pipe, _ = tiny_assets
+    repo = tmp_path / "hub" / "models--org--tiny-flux"
+    shutil.copytree(pipe, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = pipeline_identity("org/tiny-flux", None)
+    assert hub["commit"] == "0123abcd" and hub["components"] == pipeline_identity(str(pipe), None)["components"]
+    assert set(hub["components"]) == {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"}
+    assert pipeline_identity("org/not-downloaded", None) == {"source": "org/not-downloaded", "commit": None,
+                                                            "components": None}

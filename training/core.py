@@ -73,7 +73,7 @@ from training.common import LossOutput, TrainingError
 from training.ema import EMA
 from training.hooks import Hook, MetricsLogger, ProgressBar, RunLog, Update
 from training.launch import (build_accelerator, build_conditioner, build_models, build_optimizer,
-                             check_output_dir_writable, resume_point, run_config)
+                             check_output_dir_writable, resume_point, run_config, weight_dtype)
 from training.lora import attach_lora, lora_spec
 from training.stop import StopRequest
 from training.streaming_data import build_streaming_data
@@ -492,8 +492,8 @@ def build_train_data(args: argparse.Namespace, accelerator: Accelerator):
     if args.conditioning_cache:  # precomputed embeddings and latents (data/conditioning_cache.py)
         if getattr(args, "streaming", False):
             raise ValueError("--streaming reads images; --conditioning_cache reads precomputed latents: use one of them")
-        return TrainData(open_conditioning_cache(args), args.train_batch_size, accelerator.process_index,
-                         accelerator.num_processes, args.seed, args.dataloader_num_workers)
+        return TrainData(open_conditioning_cache(args, weight_dtype(accelerator)), args.train_batch_size,
+                         accelerator.process_index, accelerator.num_processes, args.seed, args.dataloader_num_workers)
     if getattr(args, "streaming", False):
         all_ranks = lambda flag: not _any_rank(accelerator, not flag)
         return build_streaming_data(args, accelerator.process_index, accelerator.num_processes, all_ranks)
