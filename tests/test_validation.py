@@ -156,3 +156,32 @@ def test_validation_with_ema_adds_ema_rows_and_restores_the_weights(tiny_assets,
                  "--resolution", "32", "--num_inference_steps", "1", "--no_progress"])
     cli = np.asarray(Image.open(tmp_path / "cli" / "00000" / "samples" / "0000.png").convert("RGB"))
     assert np.abs(cli.astype(int) - tiles[2][0].astype(int)).max() <= 1
+
+
+def test_lora_rescale_validation_renders_the_x1000_teacher_as_the_stock_pipeline(tiny_assets, tmp_path):
+    """--lora_rank rescale: the teacher row is the shared transformer with adapters off at ×1000, i.e. the stock
+    model: its tile equals diffusers' own FluxPipeline of the same folder for the same seed (to a grey level)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    import train_rescale
+    from evaluation.generate import image_generators
+
+    pipe, data = tiny_assets
+    out = tmp_path / "out"
+    train_rescale.main(["--pretrained_model_name_or_path", str(pipe), "--data_dir", str(data), "--resolution", "32",
+                        "--train_batch_size", "2", "--max_train_steps", "1", "--checkpointing_steps", "1",
+                        "--report_to", "none", "--learning_rate", "1e-2", "--lora_rank", "2", "--output_dir", str(out),
+                        "--validation_prompt", PROMPTS[0], "--validation_steps", "1", "--num_validation_images", "2",
+                        "--validation_seed", "7"])
+    tiles = _grid_tiles(out / "validation" / "step_0000001.png", rows=2, cols=2, size=32)
+    stock = FluxPipeline.from_pretrained(str(pipe), torch_dtype=torch.float32)
+    stock.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        images = stock(prompt=[PROMPTS[0]] * 2, height=32, width=32, num_inference_steps=28, guidance_scale=3.5,
+                       generator=image_generators(7, [(0, 0), (0, 1)]), max_sequence_length=256,
+                       output_type="np").images
+    for k in range(2):
+        reference = (np.clip(images[k], 0, 1) * 255).round().astype(int)
+        assert np.abs(tiles[0][k].astype(int) - reference).max() <= 1, k
+    assert not np.array_equal(tiles[0][0], tiles[1][0])  # the rescaled student's row is another model

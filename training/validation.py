@@ -4,7 +4,9 @@ step counts, on fixed seeds, one grid PNG per validation step.
 Rows of the grid, one per sampler (``validation_samplers``):
     sCM        the student at 1 and 2 steps            (SCMFluxPipeline, guidance 4.5)
     MeanFlow   the student at 2 and 4 steps            (MeanFlowFluxPipeline, guidance 3.5)
-    rescale    the frozen ×1000 teacher and the rescaled student, both at 28 steps (FluxPipeline, 3.5)
+    rescale    the frozen ×1000 teacher and the rescaled student, both at 28 steps (FluxPipeline, 3.5); with
+               ``--lora_rank`` the teacher is the student's own transformer in ``teacher_mode`` (adapters off,
+               ×1000), i.e. the stock base; with ``--objective flow_matching`` there is no teacher row
 With ``--use_ema`` the student's samplers are repeated on the EMA weights (rows "EMA ..."; the weights are
 swapped in and restored bit for bit, :meth:`training.ema.EMA.applied`).
 Columns: prompt i × image k (``--num_validation_images``).  Image k of prompt i uses the generator of the
@@ -21,10 +23,11 @@ next collective of the step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -47,6 +50,7 @@ class ValidationSampler:
     pipeline: object  # a FluxPipeline (subclass) sharing the run's modules
     call_kwargs: dict = field(default_factory=dict)  # num_inference_steps, guidance_scale, ...
     student: bool = True  # samples the student (so also its EMA, with --use_ema)
+    context: Callable[[], ContextManager] = contextlib.nullcontext  # entered around each call (a LoRA teacher view)
 
 
 def read_validation_prompts(args: argparse.Namespace) -> list[str]:
@@ -85,14 +89,32 @@ def validation_samplers(run: "Run") -> list[ValidationSampler]:
         return [ValidationSampler(f"MeanFlow {n} steps", pipe, dict(num_inference_steps=n, **guidance)) for n in (2, 4)]
     if name == "rescale":
         samplers = []
-        if isinstance(run.teacher, torch.nn.Module) and hasattr(run.teacher, "config"):  # flow_matching has none
+        teacher = _rescale_teacher_view(run, student)
+        if teacher is not None:
+            transformer, context = teacher
             samplers.append(ValidationSampler("teacher x1000, 28 steps", FluxPipeline(
-                scheduler=base.scheduler, transformer=run.teacher, **parts), dict(num_inference_steps=28, **guidance),
-                student=False))
+                scheduler=base.scheduler, transformer=transformer, **parts), dict(num_inference_steps=28, **guidance),
+                student=False, context=context))
         samplers.append(ValidationSampler("rescaled x1, 28 steps", FluxPipeline(
             scheduler=base.scheduler, transformer=student, **parts), dict(num_inference_steps=28, **guidance)))
         return samplers
     raise ValueError(f"--validation_prompt: no validation samplers are defined for the method {name!r}")
+
+
+def _rescale_teacher_view(run: "Run", student: torch.nn.Module):
+    """(transformer, context) that computes the ×1000 teacher of a rescale run, or None (flow_matching has none).
+
+    A full run's teacher is its own frozen transformer.  A LoRA run's is :class:`~model.lora.TiedTeacher`: the
+    student's transformer with the adapters off at ×1000, which ``teacher_mode`` gives the pipeline for the call.
+    """
+    from model.lora import TiedTeacher, teacher_mode
+
+    if isinstance(run.teacher, TiedTeacher):
+        tied = run.teacher
+        return student, lambda: teacher_mode(student, tied.timestep_scale)
+    if isinstance(run.teacher, torch.nn.Module) and hasattr(run.teacher, "config"):
+        return run.teacher, contextlib.nullcontext
+    return None
 
 
 def image_grid(rows: list[list[np.ndarray]], labels: list[str]) -> Image.Image:
@@ -163,8 +185,10 @@ class Validation(Hook):
         row = []
         for i, prompt in enumerate(self.prompts):
             generators = image_generators(self.seed, [(i, k) for k in range(self.num_images)])
-            images = sampler.pipeline(prompt=[prompt] * self.num_images, height=self.resolution, width=self.resolution,
-                                      generator=generators, output_type="np",
-                                      max_sequence_length=run.args.max_sequence_length, **sampler.call_kwargs).images
+            with sampler.context():
+                images = sampler.pipeline(prompt=[prompt] * self.num_images, height=self.resolution,
+                                          width=self.resolution, generator=generators, output_type="np",
+                                          max_sequence_length=run.args.max_sequence_length,
+                                          **sampler.call_kwargs).images
             row.extend(np.asarray(images, dtype=np.float32))
         return row
