@@ -194,6 +194,59 @@ def test_heldout_metadata_is_disjoint_from_training(tmp_path):
         assert len(set(prompts)) == min(pool, 20)
 
 
+def _report_set_as_before(num_prompts_per_tag: int, seed: int) -> list[dict]:
+    """The report set as drawn before the validation set existed (the algorithm of heldout_specs then):
+    one generator seeded [seed, 0x5EED], per tag in GenEval's order permutations of the held-out pool,
+    concatenated until long enough."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    out = []
+    for tag in domain.TAGS:
+        pool = domain.prompt_space(tag, "heldout")
+        picks: list[int] = []
+        while len(picks) < num_prompts_per_tag:
+            picks += [int(i) for i in rng.permutation(len(pool))]
+        out += [domain.make_spec(tag, *pool[i]) for i in picks[:num_prompts_per_tag]]
+    return out
+
+
+def test_validation_prompts_are_apart_from_training_and_report(tmp_path):
+    out = tmp_path / "data"
+    assert domain.main(["--output_dir", str(out), "--num_images", "60", "--seed", "3", "--heldout_prompts_per_tag",
+                        "8", "--validation_prompts_per_tag", "12", "--no_progress"]) == 0
+    report, validation = read_metadata(out / "heldout_metadata.jsonl"), read_metadata(out / "validation_metadata.jsonl")
+    assert report == _report_set_as_before(8, 3)
+    val_prompts = {v["prompt"] for v in validation}
+    assert not val_prompts & {r["prompt"] for r in report}
+    # never a training caption: neither of this dataset nor of any training-split prompt string
+    import pyarrow.parquet as pq
+
+    captions = set(pq.read_table(out / "train.parquet").column("llava").to_pylist())
+    train_strings = {domain.make_spec(tag, *a)["prompt"] for tag in domain.TAGS for a in domain.prompt_space(tag, "train")}
+    assert captions <= train_strings and not val_prompts & train_strings
+    assert all(domain.is_heldout(v["prompt"], v["tag"]) for v in validation)
+    # each tag: distinct prompts, as many as asked while the unused held-out prompts last
+    report_prompts = {r["prompt"] for r in report}
+    for tag in domain.TAGS:
+        spare = {domain.make_spec(tag, *a)["prompt"] for a in domain.prompt_space(tag, "heldout")} - report_prompts
+        mine = [v["prompt"] for v in validation if v["tag"] == tag]
+        assert len(mine) == len(set(mine)) == min(12, len(spare)), tag
+    assert domain.validation_coverage(validation)["single_object"] == 0  # its 4 held-out prompts are all reported
+    assert domain.validation_coverage(validation)["position"] == 12
+    # deterministic from the seed
+    assert domain.validation_specs(12, 3, 8) == validation and domain.validation_specs(12, 4, 8) != validation
+
+
+@pytest.mark.parametrize("seed,per_tag", [(0, 8), (0, 34), (5, 20)])
+def test_report_set_is_unchanged_by_the_validation_set(tmp_path, seed, per_tag):
+    assert domain.heldout_specs(per_tag, seed) == _report_set_as_before(per_tag, seed)
+    common = ["--num_images", "6", "--seed", str(seed), "--heldout_prompts_per_tag", str(per_tag), "--no_progress"]
+    assert domain.main(["--output_dir", str(tmp_path / "a"), *common]) == 0
+    assert domain.main(["--output_dir", str(tmp_path / "b"), *common, "--validation_prompts_per_tag", "5"]) == 0
+    assert not (tmp_path / "a" / "validation_metadata.jsonl").exists()
+    assert ((tmp_path / "a" / "heldout_metadata.jsonl").read_bytes()
+            == (tmp_path / "b" / "heldout_metadata.jsonl").read_bytes())
+
+
 # ------------------------------------------------------------------------------------ scorer
 
 

@@ -66,6 +66,12 @@ class BenchmarkConfig:
     #: Training images of the distillation dataset (the teacher renders its own).
     num_images: int = 4000
     heldout_prompts_per_tag: int = 8
+    #: Which prompts the sampling stages use: "report" (heldout_metadata.jsonl, what tables report) or
+    #: "validation" (validation_metadata.jsonl: held out too, disjoint from the report set; for choosing
+    #: schedules, evaluation/shapes/sweep.py).
+    prompt_set: str = "report"
+    #: Validation prompts per tag (at most; tags whose held-out prompts the report set uses up get none).
+    validation_prompts_per_tag: int = 34
     n_samples: int = 2
     sample_batch_size: int = 16
     #: Guidance fed to every model's guidance embedding at sampling time (inside the students' training
@@ -84,6 +90,8 @@ class BenchmarkConfig:
     scm_learning_rate: float = 1e-4
     scm_tangent_warmup_fraction: float = 0.25
     scm_cfg_scale: str = "4,4.5,5"
+    #: LR warm-up steps (> 0: ``--lr_scheduler constant_with_warmup``); 0: the release's constant LR.
+    scm_lr_warmup_steps: int = 0
     # MeanFlow (train_meanflow.py)
     meanflow_steps: int = 600
     meanflow_batch_size: int = 16
@@ -92,13 +100,15 @@ class BenchmarkConfig:
     meanflow_cfg_omega: float = 1.0
     meanflow_cfg_kappa: float = 0.5
     meanflow_cfg_scale: str = "4,4.5,5"
+    meanflow_lr_warmup_steps: int = 0
     # report
     grid_prompts: int = 8
     threads: int = 1
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
-        for name in ("num_images", "heldout_prompts_per_tag", "n_samples", "sample_batch_size", "rescale_steps",
+        for name in ("num_images", "heldout_prompts_per_tag", "validation_prompts_per_tag", "n_samples",
+                     "sample_batch_size", "rescale_steps",
                      "rescale_batch_size", "scm_steps", "scm_batch_size", "meanflow_steps", "meanflow_batch_size",
                      "threads", "grid_prompts"):
             if getattr(self, name) < 1:
@@ -110,12 +120,19 @@ class BenchmarkConfig:
             raise ValueError("teacher_nfes must not be empty")
         if not 0.0 <= self.scm_tangent_warmup_fraction <= 1.0:
             raise ValueError("scm_tangent_warmup_fraction must be in [0, 1]")
+        if self.prompt_set not in PROMPT_FILES:
+            raise ValueError(f"prompt_set must be one of {', '.join(PROMPT_FILES)}, got {self.prompt_set!r}")
+        if self.scm_lr_warmup_steps < 0 or self.meanflow_lr_warmup_steps < 0:
+            raise ValueError("scm_lr_warmup_steps and meanflow_lr_warmup_steps must be >= 0")
 
     @property
     def reference_nfe(self) -> int:
         """The teacher NFE every score is compared with (28 unless the run leaves it out)."""
         return max(self.teacher_nfes)
 
+
+#: The metadata file (in ``OUT/data``) of each prompt set (see ``BenchmarkConfig.prompt_set``).
+PROMPT_FILES = {"report": "heldout_metadata.jsonl", "validation": "validation_metadata.jsonl"}
 
 #: ``--quick``: the cached teacher, short trainings, 204 images a row (34 held-out prompts × 6 tags, enough
 #: for 95 % intervals that separate the models), about 10 min on 2 cores.
@@ -470,13 +487,15 @@ def prepare_stages(out: Path, config: BenchmarkConfig, teacher_dir: Path, rebuil
                                "--seed", config.seed], expect=[teacher_dir / "model_index.json"])
     runner.context = teacher_fingerprint(teacher_dir)
     data = out / "data"
+    prompts = data / PROMPT_FILES[config.prompt_set]
+    validation = ["--validation_prompts_per_tag", config.validation_prompts_per_tag] if (
+        config.prompt_set == "validation") else []
     runner.run("data", [py, "-m", "evaluation.shapes.domain", "--output_dir", data, "--num_images", config.num_images,
                         "--resolution", config.resolution, "--seed", config.seed,
-                        "--heldout_prompts_per_tag", config.heldout_prompts_per_tag],
-               expect=[data / "train.parquet", data / "heldout_metadata.jsonl"])
-    stages = Stages(runner, config, out, teacher_dir, read_build_info(teacher_dir) or {},
-                    data / "heldout_metadata.jsonl", read_metadata(data / "heldout_metadata.jsonl"),
-                    out / "rescale" / "rescaled.pt")
+                        "--heldout_prompts_per_tag", config.heldout_prompts_per_tag, *validation],
+               expect=[data / "train.parquet", prompts])
+    stages = Stages(runner, config, out, teacher_dir, read_build_info(teacher_dir) or {}, prompts,
+                    read_metadata(prompts), out / "rescale" / "rescaled.pt")
     flags = {**stages.train_flags(), "--output_dir": out / "rescale", "--train_batch_size": config.rescale_batch_size,
              "--learning_rate": config.rescale_learning_rate, "--max_train_steps": config.rescale_steps,
              "--checkpointing_steps": config.rescale_steps, "--objective": "self_distill", "--guidance_min": 1.0,
@@ -495,6 +514,9 @@ def student_flags(stages: Stages, method: str, folder: Path) -> Flags:
     """The benchmark's flags of the ``method`` student (the release's defaults where not set here)."""
     c = stages.config
     flags = {**stages.train_flags(), "--rescaled_checkpoint_path": stages.rescaled, "--output_dir": folder}
+    warmup = {"sCM": c.scm_lr_warmup_steps, "MeanFlow": c.meanflow_lr_warmup_steps}.get(method, 0)
+    if warmup:
+        flags.update({"--lr_scheduler": "constant_with_warmup", "--lr_warmup_steps": warmup})
     if method == "sCM":
         return {**flags, "--train_batch_size": c.scm_batch_size, "--learning_rate": c.scm_learning_rate,
                 "--max_train_steps": c.scm_steps, "--checkpointing_steps": c.scm_steps,
@@ -656,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, full in (("rescale_learning_rate", d.rescale_learning_rate), ("scm_learning_rate", d.scm_learning_rate),
                        ("meanflow_learning_rate", d.meanflow_learning_rate)):
         p.add_argument(f"--{name}", type=float, default=None, help=f"learning rate (full: {full})")
+    for name in ("scm_lr_warmup_steps", "meanflow_lr_warmup_steps"):
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help="LR warm-up steps (> 0: constant_with_warmup schedule; full: 0, the release's constant LR)")
     p.add_argument("--grid_prompts", type=int, default=None, help=f"prompts (columns) in grid.png (full: {d.grid_prompts})")
     from evaluation.shapes.ablations import GROUPS, parse_groups
 
@@ -673,7 +698,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     for name in ("num_images", "heldout_prompts_per_tag", "n_samples", "teacher_nfes", "student_nfes",
                  "rescaled_nfes", "rescale_steps", "scm_steps", "meanflow_steps", "rescale_batch_size",
                  "scm_batch_size", "meanflow_batch_size", "rescale_learning_rate", "scm_learning_rate",
-                 "meanflow_learning_rate", "grid_prompts"):
+                 "meanflow_learning_rate", "scm_lr_warmup_steps", "meanflow_lr_warmup_steps", "grid_prompts"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

@@ -19,7 +19,9 @@ tag names the colour too (``"color"``). Tags, as in GenEval:
 
 A fixed share of the prompt strings (chosen by a hash of the prompt, independent of any seed) is
 held out: :func:`make_dataset` never uses them and :func:`make_heldout_metadata` draws only from
-them, so evaluation prompts are unseen combinations.
+them, so evaluation prompts are unseen combinations. The held-out prompts that the report set
+(:func:`heldout_specs`) does not use form the **validation** set (:func:`validation_specs`), where
+schedules are chosen (:mod:`evaluation.shapes.sweep`) without touching the reported prompts.
 
 CLI::
 
@@ -447,13 +449,48 @@ def heldout_specs(num_prompts_per_tag: int = 20, seed: int = 0) -> list[dict[str
     return specs
 
 
-def make_heldout_metadata(path: Union[str, Path], num_prompts_per_tag: int = 20, seed: int = 0) -> list[dict[str, Any]]:
-    """Write a GenEval-format metadata jsonl of held-out prompts (see :func:`heldout_specs`)."""
-    specs = heldout_specs(num_prompts_per_tag, seed)
+def validation_specs(num_prompts_per_tag: int = 20, seed: int = 0,
+                     report_prompts_per_tag: int = 20) -> list[dict[str, Any]]:
+    """Validation metadata, disjoint from the training prompts *and* from the report set
+    ``heldout_specs(report_prompts_per_tag, seed)``: per tag (GenEval's tag order), up to
+    ``num_prompts_per_tag`` distinct held-out prompts whose strings the report set does not use, drawn with
+    their own random stream (the report set is the same with or without a validation set).
+
+    The held-out pools are small for the small prompt families (single object/colours: 18 strings, 4 held
+    out; counting: 54, 11 held out), so a tag whose held-out prompts the report set uses up gets none and
+    validation scores average the tags it covers (:func:`validation_coverage`).
+    """
+    report = {spec["prompt"] for spec in heldout_specs(report_prompts_per_tag, seed)}
+    rng = np.random.default_rng([seed, 0x7A11D])
+    specs = []
+    for tag in TAGS:
+        pool = [a for a in prompt_space(tag, "heldout") if make_spec(tag, *a)["prompt"] not in report]
+        order = rng.permutation(len(pool))[:num_prompts_per_tag]
+        specs.extend(make_spec(tag, *pool[int(i)]) for i in order)
+    return specs
+
+
+def validation_coverage(specs: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Prompts per tag of a metadata list (0 for a tag it lacks), in GenEval's tag order."""
+    return {tag: sum(s["tag"] == tag for s in specs) for tag in TAGS}
+
+
+def _write_metadata(path: Union[str, Path], specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(s) + "\n" for s in specs), encoding="utf-8")
     return specs
+
+
+def make_heldout_metadata(path: Union[str, Path], num_prompts_per_tag: int = 20, seed: int = 0) -> list[dict[str, Any]]:
+    """Write a GenEval-format metadata jsonl of held-out prompts (see :func:`heldout_specs`)."""
+    return _write_metadata(path, heldout_specs(num_prompts_per_tag, seed))
+
+
+def make_validation_metadata(path: Union[str, Path], num_prompts_per_tag: int = 20, seed: int = 0,
+                             report_prompts_per_tag: int = 20) -> list[dict[str, Any]]:
+    """Write a GenEval-format metadata jsonl of validation prompts (see :func:`validation_specs`)."""
+    return _write_metadata(path, validation_specs(num_prompts_per_tag, seed, report_prompts_per_tag))
 
 
 def write_reference_folder(metadata: Sequence[dict[str, Any]], root: Union[str, Path], n_samples: int = 4,
@@ -476,7 +513,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.shapes.domain",
         description="Build the procedural shapes text-image dataset (train.parquet) and held-out "
-        "GenEval-format metadata (heldout_metadata.jsonl).",
+        "GenEval-format metadata (heldout_metadata.jsonl; with --validation_prompts_per_tag also a disjoint "
+        "validation_metadata.jsonl).",
     )
     parser.add_argument("--output_dir", required=True, help="folder to write train.parquet and heldout_metadata.jsonl into")
     parser.add_argument("--num_images", type=int, default=20000, help="number of training images (default 20000)")
@@ -484,13 +522,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical output (default 0)")
     parser.add_argument("--heldout_prompts_per_tag", type=int, default=20,
                         help="held-out evaluation prompts per GenEval tag (default 20; six tags)")
+    parser.add_argument("--validation_prompts_per_tag", type=int, default=0,
+                        help="also write validation_metadata.jsonl: up to this many prompts per tag, held out from "
+                             "training and disjoint from heldout_metadata.jsonl (for choosing schedules; tags whose "
+                             "held-out prompts the report set uses up get none; default 0: no file)")
     parser.add_argument("--no_progress", action="store_true", help="disable the progress bar")
     args = parser.parse_args(argv)
+    if args.validation_prompts_per_tag < 0:
+        parser.error("--validation_prompts_per_tag must be >= 0")
     out = Path(args.output_dir)
     path = make_dataset(out, args.num_images, args.resolution, args.seed, progress=not args.no_progress)
     specs = make_heldout_metadata(out / "heldout_metadata.jsonl", args.heldout_prompts_per_tag, args.seed)
     print(f"wrote {path} ({args.num_images} images, {args.resolution}x{args.resolution}) and "
           f"{out / 'heldout_metadata.jsonl'} ({len(specs)} prompts)")
+    if args.validation_prompts_per_tag:
+        val = make_validation_metadata(out / "validation_metadata.jsonl", args.validation_prompts_per_tag, args.seed,
+                                       args.heldout_prompts_per_tag)
+        per_tag = ", ".join(f"{tag} {n}" for tag, n in validation_coverage(val).items())
+        print(f"wrote {out / 'validation_metadata.jsonl'} ({len(val)} prompts: {per_tag})")
     return 0
 
 
