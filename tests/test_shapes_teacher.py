@@ -49,6 +49,41 @@ def test_optimise_resumes_bit_identically(tmp_path):
     assert not torch.equal(full.ema["m"]["weight"], straight.weight)
 
 
+def test_finished_stage_keeps_a_compact_checkpoint_with_the_same_result(tmp_path):
+    """A finished stage saves only its EMA (no optimizer, no raw weights): reading it back gives the same
+    EMA and leaves the global RNG where the uninterrupted stage left it, without a training step."""
+    from evaluation.shapes.teacher_build.optim import compact_finished_checkpoint, load_ema
+
+    _, straight = _toy_run(None, 10)
+    rng_after_straight = torch.get_rng_state()
+    ckpt = tmp_path / "toy.pt"
+    _, done = _toy_run(ckpt, 10)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["finished"] and "optimizer" not in state and "ema" not in state
+    for name, value in straight.ema["m"].items():
+        assert torch.equal(state["modules"]["m"][name], value), name
+    torch.manual_seed(123)  # the re-read must restore the stage's RNG state, not keep this one
+    _, again = _toy_run(ckpt, 10)
+    assert again.done and again.history == done.history
+    assert torch.equal(torch.get_rng_state(), rng_after_straight)
+    for name, value in straight.ema["m"].items():
+        assert torch.equal(again.ema["m"][name], value), name
+    fresh = torch.nn.Linear(3, 2)
+    load_ema({"m": fresh}, state)  # snapshots read compact checkpoints too
+    assert torch.equal(fresh.weight, straight.ema["m"]["weight"])
+
+    # a full checkpoint written before the compact form: rewritten in place with the same EMA
+    _, four = _toy_run(None, 4)
+    old = tmp_path / "old.pt"
+    _toy_run(old, 10, T.Budget(max_steps=4))
+    assert compact_finished_checkpoint(old, {"m": torch.nn.Linear(3, 2)})
+    assert not compact_finished_checkpoint(old, {"m": torch.nn.Linear(3, 2)})
+    rewritten = torch.load(old, weights_only=False)
+    for name, value in four.ema["m"].items():
+        assert torch.equal(rewritten["modules"]["m"][name], value), name
+    assert rewritten["finished"] and "optimizer" not in rewritten
+
+
 def test_ema_state_covers_tied_weights():
     """T5 ties ``shared`` and ``encoder.embed_tokens``: both names must carry the EMA."""
     from transformers import T5Config, T5EncoderModel

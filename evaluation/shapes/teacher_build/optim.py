@@ -78,21 +78,25 @@ class _Loop:
         state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
         for key, m in self.modules.items():
             m.load_state_dict(state["modules"][key])
-        for e, saved in zip(self.ema, state["ema"]):
-            e.copy_(saved)
-        self.opt.load_state_dict(state["optimizer"])
+        if state.get("finished"):  # compact result (see finished_state): the modules hold the EMA
+            self.ema = [p.detach().clone() for p in self.params]
+        else:
+            for e, saved in zip(self.ema, state["ema"]):
+                e.copy_(saved)
+            self.opt.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.start, self.history, self.running = state["step"], state["history"], state["running"]
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, finished: bool = False) -> None:
         import torch
 
-        if self.checkpoint is not None:
-            atomic_save({"step": step, "modules": {k: m.state_dict() for k, m in self.modules.items()},
-                         "ema": self.ema, "optimizer": self.opt.state_dict(), "generator": self.generator.get_state(),
-                         "torch_rng": torch.get_rng_state(), "history": self.history,
-                         "running": self.running}, self.checkpoint)
+        if self.checkpoint is None:
+            return
+        state = {"step": step, "modules": {k: m.state_dict() for k, m in self.modules.items()},
+                 "ema": self.ema, "optimizer": self.opt.state_dict(), "generator": self.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "history": self.history, "running": self.running}
+        atomic_save(finished_state(state, self.modules) if finished else state, self.checkpoint)
 
     def step(self, step: int, loss_fn: Callable[[int], "torch.Tensor"], lr: float):
         """One optimizer step at 0-based ``step``; returns (loss, gradient norm before clipping)."""
@@ -150,12 +154,48 @@ def optimise(name: str, modules: dict, loss_fn: Callable[[int], "torch.Tensor"],
             last_save = time.monotonic()
     bar.close()
     if step > loop.start or (checkpoint is not None and not checkpoint.is_file()):
-        loop.save(step)
+        loop.save(step, finished=not paused)
     for m in modules.values():
         m.requires_grad_(False)
     if paused:
         return StageResult(step, total, loop.history)
     return StageResult(step, total, loop.history, ema_state_dicts(modules, loop.params, loop.ema))
+
+
+def finished_state(state: dict, modules: dict) -> dict:
+    """The compact checkpoint of a finished stage: what the later stages read and nothing to resume training.
+
+    A finished stage is only ever read for its EMA (the next stage starts from it) and for the generator and
+    global RNG state it leaves behind, so the optimizer moments and the raw weights are dropped and the
+    modules' state dicts hold the EMA in place of every parameter: about a quarter of a paused checkpoint
+    (a build's state folder can then be kept, e.g. committed, between sessions). :meth:`_Loop.restore` reads
+    both forms; the results of the stage are the same (tests/test_shapes_teacher.py).
+    """
+    if state.get("finished"):
+        return state
+    params = [p for m in modules.values() for p in m.parameters()]
+    saved = {key: m.state_dict() for key, m in modules.items()}
+    current = {key: {k: v.detach().clone() for k, v in sd.items()} for key, sd in saved.items()}
+    for key, m in modules.items():  # take the EMA through the modules (tied weights: every name)
+        m.load_state_dict(state["modules"][key])
+    ema = ema_state_dicts(modules, params, state["ema"])
+    for key, m in modules.items():
+        m.load_state_dict(current[key])
+    compact = {k: v for k, v in state.items() if k not in ("ema", "optimizer", "modules")}
+    return {**compact, "modules": ema, "finished": True}
+
+
+def compact_finished_checkpoint(path: Path, modules: dict) -> bool:
+    """Rewrite a finished stage's full checkpoint at ``path`` in the compact form (modules: the stage's modules,
+    for the parameter order); False when it is already compact. Used on state folders written before the
+    compact form existed."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("finished"):
+        return False
+    atomic_save(finished_state(state, modules), path)
+    return True
 
 
 def ema_state_dicts(modules: dict, params: list, ema: list) -> dict:
@@ -179,6 +219,8 @@ def load_ema(modules: dict, checkpoint: dict) -> None:
 
     for key, module in modules.items():
         module.load_state_dict(checkpoint["modules"][key])
+    if checkpoint.get("finished"):  # compact: the modules' state dicts are the EMA already
+        return
     params = [p for m in modules.values() for p in m.parameters()]
     with torch.no_grad():
         for p, e in zip(params, checkpoint["ema"], strict=True):
