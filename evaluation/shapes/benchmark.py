@@ -65,14 +65,18 @@ class BenchmarkConfig:
     resolution: int = 64
     #: Training images of the distillation dataset (the teacher renders its own).
     num_images: int = 4000
-    heldout_prompts_per_tag: int = 8
+    #: Report set: 17 prompts per tag × ``n_samples`` 4 (GenEval's images per prompt) = 408 images a row, enough
+    #: for intervals that separate the models (issue #12 asks for >= 400), while the held-out prompts the
+    #: report leaves unused still give a validation set for two-object, position and colour-attribution
+    #: prompts (docs/toy_benchmark/sweep.md; 34 per tag would leave only position).
+    heldout_prompts_per_tag: int = 17
     #: Which prompts the sampling stages use: "report" (heldout_metadata.jsonl, what tables report) or
     #: "validation" (validation_metadata.jsonl: held out too, disjoint from the report set; for choosing
     #: schedules, evaluation/shapes/sweep.py).
     prompt_set: str = "report"
     #: Validation prompts per tag (at most; tags whose held-out prompts the report set uses up get none).
     validation_prompts_per_tag: int = 34
-    n_samples: int = 2
+    n_samples: int = 4
     sample_batch_size: int = 16
     #: Guidance fed to every model's guidance embedding at sampling time (inside the students' training
     #: set {4, 4.5, 5} and the teacher's training range [1, 5]).
