@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step                                  # every CPU config (tiny, medium-256/1024, long)
     python -m benchmarks.train_step --configs medium-1024 --rounds 9
+    python -m benchmarks.train_step --configs medium-1024 --methods sCM --merged_jvp --rounds 9 --threads 1
     python -m benchmarks.train_step --configs flux-lite-512 flux-lite-1024 --device cuda --dtype bf16   # GPU only
     bash script/benchmark.sh                                         # the same, writing docs/benchmarks/
 
@@ -13,10 +14,15 @@ times, in interleaved rounds so that a noisy, shared machine affects every pass 
 * ``teacher_fwd``  one no-grad teacher forward on the batch (the unit of every ratio);
 * ``jvp``          the method's no-grad JVP of the student (sCM: along (dx_t/dt, 1); MeanFlow: (v, 0, 1));
 * ``grad``         one student forward with gradients + backward;
-* ``step``         the whole method loss + backward (what one training micro-batch costs).
+* ``step``         the whole method loss + backward (what one training micro-batch costs);
+* ``step_merged``  with ``--merged_jvp``, sCM only: the same step with ``SCMLossConfig(merged_jvp=True)``
+                   (F_θ and dF/dt from one forward-mode pass, training/scm.py), timed in the same rounds as
+                   ``step``; the row then also gives merged / two-pass step time per round and the merged
+                   step's peak memory.
 
 Each ratio is pass time / teacher-forward time *of the same round*; the table gives the median over
-rounds and the spread (min–max).  Peak memory is measured on one step after a warm-up step (optimizer
+rounds and the spread (min–max).  Odd rounds run the passes in reverse order, so no pass always follows
+the same one.  Peak memory is measured on one step after a warm-up step (optimizer
 state allocated): CPU reads the kernel's peak-RSS counter (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before the step; large allocations go through mmap so frees are returned at
 once), CUDA reads ``torch.cuda.max_memory_allocated``.  Memory columns: ``resident`` = weights (teacher
@@ -82,7 +88,7 @@ CONFIGS = {c.name: c for c in (
 )}
 CPU_CONFIGS = ("tiny", "medium-256", "medium-1024", "long")
 METHODS = ("rescale", "sCM", "MeanFlow", "MeanFlow+CFG")
-PASSES = ("teacher_fwd", "jvp", "grad", "step")
+PASSES = ("teacher_fwd", "jvp", "grad", "step", "step_merged")
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -128,6 +134,7 @@ class Harness:
     grad: object
     step: object
     params: list = field(default_factory=list)
+    step_merged: object | None = None  # sCM with --merged_jvp: the step through one forward-mode pass
 
 
 def _inputs(config: BenchConfig, device, dtype, seed: int = 0):
@@ -160,7 +167,7 @@ def _transformers(config: BenchConfig, device, dtype, timestep_scale: float):
     return models
 
 
-def build_harness(method: str, config: BenchConfig, device, dtype) -> Harness:
+def build_harness(method: str, config: BenchConfig, device, dtype, merged_jvp: bool = False) -> Harness:
     import torch
 
     from model.trigflow import flow_velocity
@@ -211,6 +218,11 @@ def build_harness(method: str, config: BenchConfig, device, dtype) -> Harness:
 
         def step():
             m.loss(student, student, teacher, latents, inputs, 10 ** 6).loss.backward()
+
+        merged = SCMLoss(SCMLossConfig(merged_jvp=True))
+
+        def step_merged():
+            merged(student, student, teacher, latents, inputs, 10 ** 6).loss.backward()
     elif method.startswith("MeanFlow"):
         tangents = (torch.randn_like(latents), torch.zeros_like(r), torch.ones_like(t))
         no_drop = torch.zeros(b, dtype=torch.bool, device=device)
@@ -227,7 +239,8 @@ def build_harness(method: str, config: BenchConfig, device, dtype) -> Harness:
         def step():
             m.loss(student, student, teacher, latents, inputs, 0).loss.backward()
 
-    return Harness(teacher_fwd, jvp, grad, step, params)
+    return Harness(teacher_fwd, jvp, grad, step, params,
+                   step_merged if merged_jvp and method == "sCM" else None)
 
 
 def _clear_grads(params) -> None:
@@ -236,7 +249,7 @@ def _clear_grads(params) -> None:
 
 
 def measure(method: str, config: BenchConfig, device: str, dtype_name: str, rounds: int, threads: int,
-            clock: str = "wall") -> dict:
+            clock: str = "wall", merged_jvp: bool = False) -> dict:
     import torch
 
     now = time.process_time if clock == "process" else time.perf_counter
@@ -250,11 +263,11 @@ def measure(method: str, config: BenchConfig, device: str, dtype_name: str, roun
     memory = PeakMemory(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     base = memory.current()
-    h = build_harness(method, config, device, dtype)
+    h = build_harness(method, config, device, dtype, merged_jvp)
     optimizer = torch.optim.AdamW(h.params, lr=1e-6)
 
-    def train_step():
-        h.step()
+    def train_step(step=h.step):
+        step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -264,11 +277,16 @@ def measure(method: str, config: BenchConfig, device: str, dtype_name: str, roun
     memory.reset()
     train_step()
     peak = memory.peak() - base
+    extra = {}
+    if h.step_merged is not None:
+        memory.reset()
+        train_step(h.step_merged)
+        extra["peak_merged_bytes"] = memory.peak() - base
 
     passes = {name: getattr(h, name) for name in PASSES if getattr(h, name) is not None}
     seconds = {name: [] for name in passes}
     for round_index in range(1 + (config.timing_rounds or rounds)):  # round 0 is a warm-up
-        for name, fn in passes.items():
+        for name, fn in list(passes.items())[::-1 if round_index % 2 else 1]:
             sync()
             start = now()
             fn()
@@ -278,6 +296,9 @@ def measure(method: str, config: BenchConfig, device: str, dtype_name: str, roun
             _clear_grads(h.params)
     ratios = {name: [s / t for s, t in zip(values, seconds["teacher_fwd"])] for name, values in seconds.items()}
     step_s = statistics.median(seconds["step"])
+    if "step_merged" in seconds:  # A/B of the same rounds: merged / two-pass step time
+        ab = [m / s for m, s in zip(seconds["step_merged"], seconds["step"])]
+        extra["merged_over_two_pass"] = {"median": statistics.median(ab), "min": min(ab), "max": max(ab)}
     return {"config": config.name, "method": method, "device": device, "dtype": dtype_name, "threads": threads,
             "clock": clock,
             "batch": config.batch, "image_tokens": config.image_tokens, "text_tokens": config.text_tokens,
@@ -285,7 +306,7 @@ def measure(method: str, config: BenchConfig, device: str, dtype_name: str, roun
             "ratio_median": {k: statistics.median(v) for k, v in ratios.items()},
             "ratio_min": {k: min(v) for k, v in ratios.items()}, "ratio_max": {k: max(v) for k, v in ratios.items()},
             "teacher_fwd_ms": 1e3 * statistics.median(seconds["teacher_fwd"]), "step_ms": 1e3 * step_s,
-            "images_per_s": config.batch / step_s, "resident_bytes": resident, "peak_bytes": peak}
+            "images_per_s": config.batch / step_s, "resident_bytes": resident, "peak_bytes": peak, **extra}
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -293,6 +314,8 @@ def _child(method: str, config: str, args) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--_child", method, config, "--device", args.device,
            "--dtype", args.dtype, "--rounds", str(args.rounds), "--threads", str(args.threads), "--clock", args.clock]
+    if getattr(args, "merged_jvp", False):
+        cmd.append("--merged_jvp")
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {method} / {config} failed:\n{proc.stderr[-3000:]}")
@@ -335,6 +358,19 @@ def markdown_table(rows: list[dict], baseline: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+def merged_lines(rows: list[dict]) -> str:
+    """With --merged_jvp: one line per sCM row, merged / two-pass step time (same rounds) and both peaks."""
+    lines = []
+    for r in rows:
+        if "merged_over_two_pass" in r:
+            ab = r["merged_over_two_pass"]
+            lines.append(f"* {r['config']} sCM, --merged_jvp: step {_fmt_ratio(r, 'step_merged')} of a teacher "
+                         f"forward; merged / two-pass step time {ab['median']:.3f} ({ab['min']:.3f}–{ab['max']:.3f}) over "
+                         f"{r['rounds']} rounds; peak {r['peak_merged_bytes'] / 2**20:.0f} MiB (two-pass "
+                         f"{r['peak_bytes'] / 2**20:.0f} MiB)")
+    return "\n\n" + "\n".join(lines) if lines else ""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", nargs="+", default=None, choices=sorted(CONFIGS),
@@ -352,6 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Write train_step.json and train_step.md here (script/benchmark.sh: docs/benchmarks).")
     p.add_argument("--baseline", default=None,
                    help="A previous train_step.json: its step ratios are shown beside the new ones.")
+    p.add_argument("--merged_jvp", action="store_true",
+                   help="sCM rows also time the step through train_sCM.py --merged_jvp, interleaved with the two-pass "
+                        "step in the same rounds, and report merged / two-pass step time and the merged peak memory.")
     p.add_argument("--_child", nargs=2, metavar=("METHOD", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
@@ -375,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._child:
         method, name = args._child
         print(json.dumps(measure(method, CONFIGS[name], args.device, args.dtype, args.rounds, args.threads,
-                                 args.clock)))
+                                 args.clock, args.merged_jvp)))
         return 0
     names = args.configs or (CPU_CONFIGS if args.device == "cpu" else tuple(CONFIGS))
     rows, skipped = [], []
@@ -393,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         row["plan_bytes"] = planned_peak_bytes(CONFIGS[name], method, args.dtype)
         rows.append(row)
     baseline = json.loads(Path(args.baseline).read_text())["results"] if args.baseline else None
-    table = markdown_table(rows, baseline)
+    table = markdown_table(rows, baseline) + merged_lines(rows)
     print(table)
     if args.output_dir:
         out = Path(args.output_dir)

@@ -19,11 +19,16 @@ path; only when a forward-AD tangent is present does it switch to a JVP-capable 
   tangent; the reference implementation).
 
 * ``"flash"``: the optional Triton flash-JVP kernel on CUDA (:mod:`model.flash_jvp`); ``"auto"`` (default)
-  picks it when it is installed and usable, ``"chunked"`` otherwise.
+  picks it when it is installed and usable, ``"chunked"`` otherwise, and always ``"chunked"`` when the
+  primal also needs gradients (the merged sCM pass, training/scm.py): its fused SDPA primal keeps SDPA's
+  own backward there (saved, not recomputed), so the gradients are those of an ordinary forward.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +42,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from model.flash_jvp import flash_jvp_attention, resolve_jvp_attention
 
 JVP_IMPLEMENTATIONS = ("auto", "chunked", "math", "flash")
+CPU_TANGENT_CHUNK = 128
+_TANGENTS_DETACHED = contextvars.ContextVar("jvp_attention_tangents_detached", default=False)
+
+
+@contextlib.contextmanager
+def detached_attention_tangents() -> Iterator[None]:
+    """Within: the chunked attention tangent is computed without autograd, for callers that detach the JVP.
+
+    With gradients on (the merged sCM pass) the tangent would otherwise record a graph whose every query
+    chunk saves its N-wide probabilities, kept alive by the tangents downstream: O(layers·N²) memory for a
+    gradient nobody takes (sCM's θ⁻ = stopgrad θ).
+    """
+    token = _TANGENTS_DETACHED.set(True)
+    try:
+        yield
+    finally:
+        _TANGENTS_DETACHED.reset(token)
 
 
 def has_forward_tangent(tensor: torch.Tensor) -> bool:
@@ -55,8 +77,27 @@ def has_forward_tangent(tensor: torch.Tensor) -> bool:
     return forward_ad.unpack_dual(tensor).tangent is not None
 
 
+def _records_gradients(tensor: torch.Tensor) -> bool:
+    """Whether autograd records this tensor's history, looking through torch.func.jvp's wrappers (which
+    report ``requires_grad=False`` whatever the tensor they wrap)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
 def _sdpa_bhnd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def default_tangent_chunk(device: torch.device | str) -> int:
+    """Queries per chunk of :func:`chunked_attention_tangent` on ``device``.
+
+    CPU: 128, whose chunk×N score blocks stay in cache; ``python -m benchmarks.tangent_chunk`` (4 heads × 64,
+    batch 2, 1 thread) measured 0.63× the time of 1024-query chunks at 1056 tokens and 0.66× at 4608 (64 ties
+    with 128; 256 and more are slower).  CUDA: 1024 as before (not measured here), few large kernels where
+    launches, not cache, limit small chunks.
+    """
+    return 1024 if torch.device(device).type == "cuda" else CPU_TANGENT_CHUNK
 
 
 def chunked_attention_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -89,40 +130,76 @@ def chunked_attention_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class _AttentionWithJVP(torch.autograd.Function):
-    """softmax(QKᵀ/√d)V on [B, H, N, D] tensors with a chunked forward-mode derivative."""
+    """softmax(QKᵀ/√d)V on [B, H, N, D] tensors with a chunked forward-mode derivative.
 
-    chunk_size = 1024
+    When an input requires grad (the merged sCM pass: forward-mode AD with gradients on, where the
+    student's only forward is this one), the fused SDPA primal is recorded with autograd on aliases of
+    the inputs, and :meth:`backward` runs that kernel's own backward from what it saved (O, logsumexp):
+    the same gradients, bit for bit, as an ordinary forward, and no second attention forward.
+    """
+
+    chunk_size: int | None = None  # None: default_tangent_chunk(device); tests set small values
 
     @staticmethod
     def forward(q, k, v):
-        return _sdpa_bhnd(q, k, v)
+        # dynamo traces this Function (torch.func.jvp of a compiled student) but not the hand-over below.
+        if torch.compiler.is_compiling() or not any(t.requires_grad for t in (q, k, v)):
+            return _sdpa_bhnd(q, k, v)
+        with torch.enable_grad():  # autograd.Function.forward runs under no_grad
+            leaves = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out = _sdpa_bhnd(*leaves)
+        result = out.detach()  # shares O's storage and version counter: in-place edits are caught
+        result._sdpa_graph = (leaves, out)  # handed to setup_context (forward has no ctx)
+        return result
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v = inputs
         ctx.save_for_forward(q, k, v, output)
-        ctx.save_for_backward(q, k, v)
+        ctx.sdpa_graph = None if torch.compiler.is_compiling() else output.__dict__.pop("_sdpa_graph", None)
+        if ctx.sdpa_graph is None:
+            ctx.save_for_backward(q, k, v)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
         q, k, v, out = ctx.saved_tensors
-        return chunked_attention_tangent(q, k, v, out, dq, dk, dv, _AttentionWithJVP.chunk_size)
+        chunk = _AttentionWithJVP.chunk_size or default_tangent_chunk(q.device)
+        with torch.no_grad() if _TANGENTS_DETACHED.get() else contextlib.nullcontext():
+            return chunked_attention_tangent(q, k, v, out, dq, dk, dv, chunk)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
+        if ctx.sdpa_graph is not None:
+            return _AttentionWithJVP._saved_graph_backward(ctx, grad_out)
+        q, k, v = ctx.saved_tensors  # built without gradients: recompute the primal
         with torch.enable_grad():
             q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
             out = _sdpa_bhnd(q_, k_, v_)
         return torch.autograd.grad(out, (q_, k_, v_), grad_out)
 
+    @staticmethod
+    def _saved_graph_backward(ctx, grad_out):
+        """dQ, dK, dV by the fused kernel's own backward, from the O and logsumexp its forward saved."""
+        if not ctx.sdpa_graph:
+            raise RuntimeError("a second backward through the JVP-safe attention of a merged pass: the first one "
+                               "freed its saved tensors (retain_graph is not supported here)")
+        (leaves, out), ctx.sdpa_graph = ctx.sdpa_graph, ()  # one backward: free the saved tensors now
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return tuple(next(grads) if leaf.requires_grad else None for leaf in leaves)
+
 
 def jvp_safe_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Attention on diffusers' [B, N, H, D] layout that supports forward-mode AD.
 
-    ``auto``: the flash-JVP kernel on CUDA when installed (:mod:`model.flash_jvp`), else ``chunked``.
+    ``auto``: the flash-JVP kernel on CUDA when installed (:mod:`model.flash_jvp`) for a JVP without
+    gradients, else ``chunked``.
     """
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if impl == "auto" and any(_records_gradients(t) for t in (q, k, v)):
+        # A JVP with gradients on (the merged sCM pass) also trains through this primal: the chunked path keeps
+        # the fused SDPA and its own backward, so the gradients are an ordinary forward's.
+        impl = "chunked"
     if impl in ("auto", "flash"):
         impl = resolve_jvp_attention(impl, q, k, v)
     if impl == "flash":

@@ -69,6 +69,28 @@ def test_auto_routes_to_the_kernel_and_keeps_the_tangent(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_auto_keeps_the_chunked_path_when_the_primal_needs_gradients(monkeypatch):
+    """The merged sCM pass trains through the JVP's primal: 'auto' then takes the chunked path (fused SDPA
+    with its own backward) even where the kernel is usable; without gradients it still takes the kernel."""
+    from torch.autograd import forward_ad
+
+    calls = []
+    monkeypatch.setattr(attention, "resolve_jvp_attention", lambda impl, q, k, v: "flash")
+    monkeypatch.setattr(attention, "flash_jvp_attention", lambda q, k, v: calls.append(1) or
+                        torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v)
+    w = torch.randn(16, 16, requires_grad=True)
+    x, dx = torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16)
+    with forward_ad.dual_level():
+        h = forward_ad.make_dual(x, dx) @ w
+        jvp_safe_attention(h, h, h, "auto")
+        assert not calls
+        with torch.no_grad():
+            jvp_safe_attention(h, h, h, "auto")
+    assert calls == [1]
+    _, inside_jvp = torch.func.jvp(lambda a: jvp_safe_attention(a @ w, a @ w, a @ w, "auto"), (x,), (dx,))
+    assert calls == [1]  # torch.func.jvp's wrappers hide requires_grad; the check looks through them
+
+
 def test_chunked_tangent_matches_math_kernel_on_cpu():
     """The default CPU path ("auto" → chunked) against PyTorch's MATH kernel, several ragged chunks."""
     g = torch.Generator().manual_seed(1)

@@ -1,6 +1,7 @@
 """The FLUX subclass, JVP-safe attention and TrigFlow wrapper against independent references."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -98,6 +99,96 @@ def test_chunked_attention_tangent_equals_math_and_forward_ad(monkeypatch):
     qr = q.clone().requires_grad_()
     jvp_safe_attention(qr, k, v, "math").sum().backward()
     torch.testing.assert_close(qq.grad, qr.grad)
+
+
+def _count_sdpa(monkeypatch) -> list:
+    import model.attention as attention
+
+    calls, original = [], attention._sdpa_bhnd
+    monkeypatch.setattr(attention, "_sdpa_bhnd", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["plain", "func.jvp", "forward_ad"])
+def test_attention_backward_is_sdpas_own_without_a_second_forward(monkeypatch, mode):
+    """With gradients on, _AttentionWithJVP runs SDPA once and back-propagates through SDPA's own backward
+    (what its forward saved), in every way it is reached: the merged sCM pass (forward_ad duals),
+    torch.func.jvp with gradients, an ordinary call.  Reference: F.scaled_dot_product_attention's gradients."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=g).requires_grad_() for _ in range(3))
+    dq, dk, dv, grad_out = (torch.randn(2, 3, 40, 8, generator=g) for _ in range(4))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    calls = _count_sdpa(monkeypatch)
+    if mode == "func.jvp":
+        out, _ = torch.func.jvp(_AttentionWithJVP.apply, (q, k, v), (dq, dk, dv))
+    elif mode == "forward_ad":
+        with forward_ad.dual_level():
+            dual = _AttentionWithJVP.apply(*(forward_ad.make_dual(a, b) for a, b in ((q, dq), (k, dk), (v, dv))))
+            out = forward_ad.unpack_dual(dual).primal
+    else:
+        out = _AttentionWithJVP.apply(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert len(calls) == 1  # no recompute in backward
+    with pytest.raises(RuntimeError):  # its saved tensors are freed by the first backward
+        torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+def test_attention_backward_recomputes_when_built_without_gradients(monkeypatch):
+    """Inputs that did not require grad in forward (the no-grad JVP) keep the old path: nothing extra saved."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    with torch.no_grad():
+        _, tangent = torch.func.jvp(_AttentionWithJVP.apply, (q, k, v), (q, k, v))
+    assert not tangent.requires_grad
+    calls = _count_sdpa(monkeypatch)
+    out = _AttentionWithJVP.apply(q, k, v.requires_grad_())  # v requires grad: the graph path, dQ/dK are None
+    out.sum().backward()
+    assert len(calls) == 1 and v.grad is not None
+
+
+def test_detached_attention_tangents_record_no_graph():
+    """Within detached_attention_tangents (the merged sCM pass) the attention tangent records no autograd
+    graph: its N-wide chunk probabilities are not kept alive by the tangents downstream."""
+    from model.attention import detached_attention_tangents
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 8, generator=g, requires_grad=True)
+    x, dx = torch.randn(1, 2, 16, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g)
+    tangents = {}
+    for detached in (False, True):
+        with forward_ad.dual_level(), (detached_attention_tangents() if detached else contextlib.nullcontext()):
+            h = forward_ad.make_dual(x, dx) @ w
+            tangents[detached] = forward_ad.unpack_dual(_AttentionWithJVP.apply(h, h, h)).tangent
+    assert tangents[False].requires_grad and not tangents[True].requires_grad
+    torch.testing.assert_close(tangents[True], tangents[False].detach(), rtol=0, atol=0)
+
+
+def test_tangent_does_not_depend_on_the_chunk_size(monkeypatch):
+    """The device default (CPU: 128 queries, CUDA: 1024) and any other chunking give the same tangent: sizes
+    that divide N, that do not (ragged last chunk), 1 and ≥ N, against the MATH kernel's JVP."""
+    from model.attention import CPU_TANGENT_CHUNK, default_tangent_chunk
+
+    assert default_tangent_chunk("cpu") == CPU_TANGENT_CHUNK == 128 and default_tangent_chunk("cuda") == 1024
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dq, dk, dv = (torch.randn(2, 300, 2, 8, generator=g, dtype=torch.float64) for _ in range(6))
+    _, ref = torch.func.jvp(lambda a, b, c: jvp_safe_attention(a, b, c, "math"), (q, k, v), (dq, dk, dv))
+    for chunk in (None, 1, 7, 100, 128, 299, 300, 1024):
+        monkeypatch.setattr(_AttentionWithJVP, "chunk_size", chunk)
+        _, tangent = torch.func.jvp(lambda a, b, c: jvp_safe_attention(a, b, c, "chunked"), (q, k, v), (dq, dk, dv))
+        torch.testing.assert_close(tangent, ref, rtol=1e-12, atol=1e-12, msg=f"chunk {chunk}")
+
+
+def test_default_chunk_is_what_the_cpu_path_uses(monkeypatch):
+    import model.attention as attention
+
+    used = []
+    original = attention.chunked_attention_tangent
+    monkeypatch.setattr(attention, "chunked_attention_tangent", lambda *a: used.append(a[-1]) or original(*a))
+    q = torch.randn(1, 20, 2, 8)
+    torch.func.jvp(lambda a: jvp_safe_attention(a, a, a, "chunked"), (q,), (q,))
+    assert used == [128]
 
 
 def test_grad_pass_with_checkpointing_after_no_grad_jvp():

@@ -52,7 +52,7 @@ FLUX_LITE_8B = dict(patch_size=1, in_channels=64, num_layers=8, num_single_layer
 T5_XXL_PARAMS = 4_762_310_656
 CLIP_L_PARAMS = 123_060_480
 FLUX_VAE_PARAMS = 83_819_683
-JVP_CHUNK = 1024  # query chunk of the chunked JVP attention (model/attention.py)
+JVP_CHUNK = 1024  # query chunk of the chunked JVP attention on CUDA (model/attention.py default_tangent_chunk)
 METHODS = ("sCM", "MeanFlow", "MeanFlow+CFG", "rescale")
 
 
@@ -179,7 +179,7 @@ def trace_bytes(shape: RunShape) -> TracedBytes:
 
 def _probe(shape: RunShape, image_side: int, text_tokens: int = 16) -> tuple[int, TracedBytes]:
     """(units B·S·d, bytes per unit) of one probe run with grad and one through a JVP."""
-    from model.attention import set_jvp_attention
+    from model.attention import default_tangent_chunk, set_jvp_attention
     from model.transformer import DistillFluxTransformer2DModel
     from model.trigflow import FluxInputs, flow_velocity
 
@@ -243,7 +243,7 @@ def _probe(shape: RunShape, image_side: int, text_tokens: int = 16) -> tuple[int
         primal, tangent = torch.func.jvp(fwd, (x, t), (torch.randn_like(x), torch.ones_like(t)))
     del primal, tangent
     s = n + l
-    probe_scores = 3 * b * 2 * s * min(JVP_CHUNK, s) * 4
+    probe_scores = 3 * b * 2 * s * min(default_tangent_chunk(x.device), s) * 4  # the probe's own chunk (CPU)
     return unit, TracedBytes({k: sum(v.values()) / unit for k, v in saved.items()},
                              {k: sum(v.values()) / unit for k, v in inputs_kept.items()},
                              max(tracker.peak - probe_scores, 0) / unit, probe_width=d)

@@ -19,6 +19,22 @@ Per sample:
 The JVP runs under ``no_grad`` on the unwrapped student (``torch.func.jvp`` cannot go through DDP);
 the gradient pass is a second, ordinary forward through the (possibly DeepSpeed/DDP-wrapped) model,
 so gradient checkpointing and fused attention stay usable there.
+
+F⁻ and F_θ are the same value, so that step runs the student forward twice.  ``merged_jvp``
+(``--merged_jvp``) computes (F_θ, logvar) with gradients and cos t·sin t·dF_θ/dt in ONE forward-mode
+pass (``torch.autograd.forward_ad`` dual inputs, gradients on, through the possibly wrapped student):
+every op's primal is computed once and recorded for backward, its tangent beside it; the tangent is
+then detached (F⁻ = stopgrad F_θ) and the dual level closed before backward, which frees the tangents.
+F_θ, logvar and the backward are those of the ordinary forward, bit for bit with diffusers' default
+attention backend (the attention keeps SDPA's own backward, model/attention.py).  The tangent differs
+from the no-grad
+``torch.func.jvp``'s by rounding only (≈1e-7 relative in float32, 0 in float64 on the tests' model),
+because PyTorch evaluates the forward-mode formulas of some ops (SiLU, GELU, ...) with other,
+differentiable kernels when gradients are on; so it is not the release's numbers and stays off by
+default.  It costs memory: until the level closes, the tensors saved for backward keep their tangents
+alive (autograd saves a tensor's forward gradient with it), about one more copy of the activations
+(medium model, 1024 tokens, CPU: peak 1.65×, step time 0.87×; benchmarks/train_step.py --merged_jvp).
+:func:`merged_pass_blocker` lists where it cannot run.
 """
 from __future__ import annotations
 
@@ -26,8 +42,10 @@ import argparse
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.autograd import forward_ad
 
-from model.attention import set_jvp_attention
+from model.attention import detached_attention_tangents, set_jvp_attention
 from model.trigflow import LOGVAR_INPUTS, FluxInputs, TrigFlowFlux
 from training.common import LossOutput, per_sample_sq_norm, sample_guidance
 
@@ -41,6 +59,29 @@ class SCMLossConfig:
     tangent_norm_eps: float = 0.1
     scm_lambda: float = 1.0
     cfg_scales: tuple[float, ...] = (4.0, 4.5, 5.0)
+    merged_jvp: bool = False  # F_θ and dF_θ/dt from one forward-mode pass (module docstring)
+
+
+def merged_pass_blocker(student: nn.Module, student_for_jvp: nn.Module) -> str | None:
+    """Why the merged pass cannot train this student (None: it can).
+
+    It feeds forward-mode dual tensors, with gradients on, through ``student``: the module the gradients
+    must flow through (possibly DDP- or DeepSpeed-wrapped by accelerate).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(student, DistributedDataParallel) and (student.find_unused_parameters or student.static_graph):
+        return ("DistributedDataParallel with find_unused_parameters or static_graph routes the outputs through an "
+                "autograd Function without a forward-mode derivative")
+    if type(student).__name__ == "DeepSpeedEngine" and student.zero_optimization_stage() >= 3:
+        return "DeepSpeed ZeRO-3's parameter hooks are autograd Functions without a forward-mode derivative"
+    if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in (student, student_for_jvp)):
+        return ("torch.compile does not trace calls with forward-mode dual tensors, so the merged pass would run "
+                "the compiled student eagerly")
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in student_for_jvp.modules()):
+        return ("gradient checkpointing recomputes the blocks in backward without their tangents, which does not "
+                "match what the forward saved")
+    return None
 
 
 class SCMLoss:
@@ -78,10 +119,9 @@ class SCMLoss:
 
         with torch.no_grad():
             dxt_dt = sd * teacher(x_t / sd, t, inputs)
-            tangents = (cos_t * sin_t * dxt_dt / sd, (torch.cos(t) * torch.sin(t)))
-            _, cs_dF_dt = torch.func.jvp(lambda x, tt: student_for_jvp(x, tt, inputs), (x_t / sd, t), tangents)
-
-        F_theta, logvar = student(x_t / sd, t, inputs, return_logvar=True)
+        tangents = (cos_t * sin_t * dxt_dt / sd, (torch.cos(t) * torch.sin(t)))
+        passes = merged_student_pass if c.merged_jvp else two_student_passes
+        F_theta, logvar, cs_dF_dt = passes(student, student_for_jvp, x_t / sd, t, tangents, inputs)
         F_minus = F_theta.detach()
         r = self.tangent_warmup(step)
         g = -(cos_t ** 2) * (sd * F_minus - dxt_dt) - r * (cos_t * sin_t * x_t + sd * cs_dF_dt)
@@ -97,6 +137,35 @@ class SCMLoss:
         terms = {"teacher_velocity": dxt_dt, "jvp_tangent": cs_dF_dt, "student_output": F_minus,
                  "logvar": logvar.detach(), "normalised_tangent": g}
         return LossOutput(loss, logs, terms)
+
+
+StudentPass = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (F_θ, logvar) with gradients, cos t·sin t·dF_θ/dt
+
+
+def two_student_passes(student: nn.Module, student_for_jvp: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                       tangents: tuple[torch.Tensor, torch.Tensor], inputs: FluxInputs) -> StudentPass:
+    """The release: a no-grad JVP of the unwrapped student (its primal F⁻ is dropped), then a grad forward."""
+    with torch.no_grad():
+        _, cs_dF_dt = torch.func.jvp(lambda x_, t_: student_for_jvp(x_, t_, inputs), (x, t), tangents)
+    F_theta, logvar = student(x, t, inputs, return_logvar=True)
+    return F_theta, logvar, cs_dF_dt
+
+
+def merged_student_pass(student: nn.Module, student_for_jvp: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                        tangents: tuple[torch.Tensor, torch.Tensor], inputs: FluxInputs) -> StudentPass:
+    """One forward-mode pass with gradients on: (F_θ, logvar) keep their autograd graph, the tangent is detached.
+
+    Raises ValueError where :func:`merged_pass_blocker` finds the student unfit."""
+    reason = merged_pass_blocker(student, student_for_jvp)
+    if reason is not None:
+        raise ValueError(f"--merged_jvp cannot be used here: {reason}; drop --merged_jvp (two student passes)")
+    with forward_ad.dual_level(), detached_attention_tangents():
+        F_dual, logvar = student(forward_ad.make_dual(x, tangents[0]), forward_ad.make_dual(t, tangents[1]), inputs,
+                                 return_logvar=True)
+        F_theta, cs_dF_dt = forward_ad.unpack_dual(F_dual)
+        logvar = forward_ad.unpack_dual(logvar).primal  # its tangent (d logvar/dt) is not needed
+        cs_dF_dt = cs_dF_dt.detach()
+    return F_theta, logvar, cs_dF_dt  # leaving the level above freed every other tangent
 
 
 class SCMMethod:
@@ -116,7 +185,8 @@ class SCMMethod:
         """Build from the parsed flags of ``train_sCM.py``."""
         config = SCMLossConfig(sigma_data=args.sigma_data, logit_mean=args.logit_mean, logit_std=args.logit_std,
                                tangent_warmup_steps=args.tangent_warmup_steps, tangent_norm_eps=args.tangent_norm_eps,
-                               scm_lambda=args.scm_lambda, cfg_scales=args.scm_cfg_scale)
+                               scm_lambda=args.scm_lambda, cfg_scales=args.scm_cfg_scale,
+                               merged_jvp=getattr(args, "merged_jvp", False))
         return cls(SCMLoss(config), args.jvp_attention, args.logvar_input)
 
     def build_models(self, args, teacher, student):
