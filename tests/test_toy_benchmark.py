@@ -364,9 +364,11 @@ def test_benchmark_end_to_end_on_a_micro_teacher(tmp_path):
     with Image.open(out / "grid.png") as im:
         assert im.size[1] > 5 * 128  # five model@NFE rows
     # a second run reuses every stage and gives the same scores
-    again = B.run_benchmark(out, config, teacher, echo=False)
+    beside = B.read_committed_table(B.COMMITTED_TABLE)
+    again = B.run_benchmark(out, config, teacher, echo=False, committed_full_run=beside)
     assert all(c["reused"] for c in again["commands"])
     assert [r["overall"] for r in again["rows"]] == [r["overall"] for r in results["rows"]]
+    assert "committed full run" in (out / "table.md").read_text()  # what --quick shows beside its own table
 
 
 # --------------------------------------------------------------------------------------------
