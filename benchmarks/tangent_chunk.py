@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="Timed rounds (each times every chunk size once).")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Device of the tensors.")
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU).")
+    p.add_argument("--json", default=None, help="Also write every timing (seconds per round) to this JSON file.")
     args = p.parse_args(argv)
     import torch
 
@@ -67,12 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     base = max(args.chunks)
     print(f"| N | chunk | ms (median) | time / chunk {base} (median, min–max) |")
     print("|---|---|---|---|")
+    results = []
     for tokens in args.tokens:
         seconds = time_chunks(tokens, sorted(args.chunks), args.rounds, args.device)
+        results.append({"tokens": tokens, "seconds": {str(c): v for c, v in seconds.items()}})
         for chunk, values in seconds.items():
             ratios = [s / b for s, b in zip(values, seconds[base])]
             print(f"| {tokens} | {chunk} | {1e3 * statistics.median(values):.1f} | {statistics.median(ratios):.2f} "
                   f"({min(ratios):.2f}–{max(ratios):.2f}) |", flush=True)
+    if args.json:
+        import json
+
+        config = {k: getattr(args, k) for k in ("chunks", "rounds", "device", "threads")}
+        Path(args.json).write_text(json.dumps({"config": config, "results": results}, indent=1) + "\n")
     return 0
 
 
