@@ -82,6 +82,50 @@ def test_paired_difference_refuses_different_prompt_sets():
         S.paired_difference(a, _scores({"position": [1.0, 0.0]}))
 
 
+def test_paired_ratio_of_a_scaled_model_is_the_scale_in_every_replicate():
+    rng = np.random.default_rng(3)
+    teacher = {tag: list(0.2 + 0.8 * rng.random(6)) for tag in TAGS}
+    student = {tag: [0.75 * v for v in values] for tag, values in teacher.items()}
+    result = S.paired_ratio(_scores(student), _scores(teacher))
+    assert result["ratio"] == pytest.approx(0.75)
+    assert result["interval"] == pytest.approx([0.75, 0.75])
+
+
+def test_paired_ratio_interval_matches_the_delta_method():
+    """Ratio R = mean(v)/mean(r) of paired prompt scores: to first order Var(R) = Var(v − R·r)/(n·mean(r)²)
+    (the delta method), an independent closed form for the bootstrap's width; it also covers the true
+    ratio at about the nominal rate."""
+    rng = np.random.default_rng(4)
+    n, trials, slope = 300, 150, 0.8
+
+    def draw(size):
+        r = rng.random(size)  # the teacher's prompt scores (difficulty, seen by both models)
+        return np.clip(slope * r + 0.1 * rng.standard_normal(size), 0, None), r
+
+    big_v, big_r = draw(2_000_000)
+    population_ratio = big_v.mean() / big_r.mean()  # what the prompt bootstrap estimates
+    covered, widths, theory = 0, [], []
+    for k in range(trials):
+        v, r = draw(n)
+        result = S.paired_ratio(_scores({"counting": list(v)}), _scores({"counting": list(r)}), n_boot=1000, seed=k)
+        lo, hi = result["interval"]
+        R = v.mean() / r.mean()
+        assert result["ratio"] == pytest.approx(R)
+        covered += lo <= population_ratio <= hi
+        widths.append(hi - lo)
+        theory.append(2 * 1.96 * np.std(v - R * r) / (math.sqrt(n) * r.mean()))
+    assert 0.88 <= covered / trials <= 0.99
+    assert np.mean(widths) == pytest.approx(np.mean(theory), rel=0.1)
+
+
+def test_paired_ratio_refuses_a_zero_reference_and_other_prompts():
+    zero = _scores({"colors": [0.0, 0.0]})
+    with pytest.raises(ValueError, match="undefined"):
+        S.paired_ratio(_scores({"colors": [1.0, 0.5]}), zero)
+    with pytest.raises(ValueError, match="different prompts"):
+        S.paired_ratio(zero, {"colors": {"p000": 1.0, "other": 0.0}})
+
+
 def test_prompt_scores_are_keyed_by_prompt_and_read_from_the_scorer_file(tmp_path):
     rows = [{"tag": "colors", "prompt": "a", "metadata": '{"p": "a"}', "correct": True},
             {"tag": "colors", "prompt": "a", "metadata": '{"p": "a"}', "correct": False},

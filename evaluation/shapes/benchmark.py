@@ -170,6 +170,19 @@ def score_samples(folder: Path, metadata: list[dict], n_samples: int) -> dict:
             "tasks": {tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
 
 
+def add_relative_scores(rows: Sequence[dict], reference: Optional[dict]) -> None:
+    """Set each row's ``relative_to_teacher`` (overall / the reference's) and ``relative_interval`` (its 95 %
+    paired bootstrap interval over the prompts both sampled, :func:`~evaluation.shapes.stats.paired_ratio`)."""
+    from evaluation.shapes.stats import paired_ratio, read_prompt_scores
+
+    usable = reference is not None and reference["overall"] > 0
+    ref_scores = read_prompt_scores(reference["samples_dir"]) if usable else None
+    for row in rows:
+        row["relative_to_teacher"] = row["overall"] / reference["overall"] if usable else None
+        row["relative_interval"] = (paired_ratio(read_prompt_scores(row["samples_dir"]), ref_scores)["interval"]
+                                    if usable else None)
+
+
 def find_row(rows: Sequence[dict], model: str, nfe: int) -> Optional[dict]:
     return next((r for r in rows if r["model"] == model and r["nfe"] == nfe), None)
 
@@ -188,6 +201,7 @@ def evaluate_targets(rows: Sequence[dict], reference_nfe: int = 28, margin: floa
         value = None if row is None or not ref_score else row["overall"] / ref_score
         targets.append({"claim": f"{model} at NFE {nfe} >= {ratio:.0%} of the teacher at {reference_nfe} steps",
                         "model": model, "nfe": nfe, "kind": "relative", "threshold": ratio, "value": value,
+                        "interval": (row or {}).get("relative_interval"),
                         "met": None if value is None else bool(value >= ratio)})
     for row in rows:
         if row["model"] not in ("sCM", "MeanFlow"):
@@ -217,9 +231,18 @@ def format_table(rows: Sequence[dict], reference_nfe: int = 28, chance: Optional
         cells += [f"{100 * row['tasks'][tag]:.1f}" if tag in row["tasks"] else "—" for tag, _ in TASKS]
         cells.append(f"**{100 * row['overall']:.1f}**{_interval_text(row)}"
                      + (" (≤ chance)" if below_chance(row, chance) else ""))
-        cells.append(f"{100 * row['overall'] / ref['overall']:.0f}%" if ref and ref["overall"] > 0 else "—")
+        cells.append(_relative_text(row, ref))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _relative_text(row: dict, ref: Optional[dict]) -> str:
+    """"77% [71, 83]": overall relative to the reference row, with its paired interval when measured."""
+    if not ref or ref["overall"] <= 0:
+        return "—"
+    interval = row.get("relative_interval")
+    text = f"{100 * row['overall'] / ref['overall']:.0f}%"
+    return text + (f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]" if interval and row is not ref else "")
 
 
 def _interval_text(row: dict) -> str:
@@ -234,7 +257,9 @@ def format_targets(targets: Sequence[dict]) -> str:
         if t["value"] is None:
             value = "n/a"
         elif t["kind"] == "relative":
-            value = f"{100 * t['value']:.1f}%"
+            interval = t.get("interval")
+            value = f"{100 * t['value']:.1f}%" + (f" [95% CI {100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+                                                  if interval else "")
         else:
             value = f"{100 * t['value']:+.1f} points"
         lines.append(f"- {t['claim']}: {value} — **{mark}**")
@@ -622,9 +647,7 @@ def run_benchmark(out: PathLike, config: BenchmarkConfig, teacher_dir: PathLike 
     order = list(MODELS)
     rows.sort(key=lambda r: (order.index(r["model"]), r["nfe"]))
     reference = config.reference_nfe
-    ref = find_row(rows, "teacher", reference)
-    for row in rows:
-        row["relative_to_teacher"] = row["overall"] / ref["overall"] if ref and ref["overall"] > 0 else None
+    add_relative_scores(rows, find_row(rows, "teacher", reference))
     ablation_results = None
     if ablations:
         from evaluation.shapes.ablations import run_ablations

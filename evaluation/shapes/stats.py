@@ -93,6 +93,34 @@ def paired_difference(variant: PromptScores, baseline: PromptScores, level: floa
     return {"delta": delta, "interval": [lo, hi], "level": level, "verdict": verdict(lo, hi)}
 
 
+def paired_ratio(variant: PromptScores, reference: PromptScores, level: float = 0.95, n_boot: int = 4000,
+                 seed: int = 0) -> dict:
+    """overall(variant) / overall(reference) with its paired bootstrap interval over prompts.
+
+    The paper reads a student as a fraction of its teacher (e.g. sCM at 2 steps >= 95 % of the teacher at 28);
+    both were sampled on the same prompts with the same seeds, so each replicate draws one set of prompts
+    (stratified by tag, the same indices for both) and takes the ratio of the two overall scores on it.
+    Replicates whose reference overall is 0 are dropped (the ratio is undefined there).
+    """
+    paired_differences(variant, reference)  # same tags and prompts, or a ValueError that says so
+    rng = np.random.default_rng(seed)
+    num, den = np.zeros(n_boot), np.zeros(n_boot)
+    for tag, scores in reference.items():
+        keys = sorted(scores)
+        ref = np.asarray([scores[k] for k in keys], dtype=np.float64)
+        var = np.asarray([variant[tag][k] for k in keys], dtype=np.float64)
+        picks = rng.integers(len(keys), size=(n_boot, len(keys)))
+        num += var[picks].mean(axis=1)
+        den += ref[picks].mean(axis=1)
+    overall_ref = float(np.mean([np.mean(list(s.values())) for s in reference.values()]))
+    if overall_ref <= 0:
+        raise ValueError("the reference scores 0 on every prompt: a ratio to it is undefined")
+    overall_var = float(np.mean([np.mean(list(s.values())) for s in variant.values()]))
+    ratios = num[den > 0] / den[den > 0]
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return {"ratio": overall_var / overall_ref, "interval": [float(lo), float(hi)], "level": level}
+
+
 def verdict(lo: float, hi: float) -> str:
     """'better' / 'worse' when the whole interval of variant − baseline lies above / below 0, else
     'not separated' (the interval contains 0: the data do not tell the two apart at this level)."""
