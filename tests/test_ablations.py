@@ -235,6 +235,7 @@ def test_groups_report_every_file_with_paired_deltas_and_verdicts(tmp_path, monk
     monkeypatch.setattr(A, "train_student", fake_train)
     monkeypatch.setattr(A, "sample_and_score", fake_sample)
     # the main benchmark's rows: the teacher reference and the baselines (their runs wrote metrics too)
+    _write_scored_folder(tmp_path / "t", BETTER)
     rows = [{"model": "teacher", "nfe": 28, **_summary(BETTER), "samples_dir": str(tmp_path / "t")}]
     for method in ("sCM", "MeanFlow"):
         _write_metrics(tmp_path / method, [1.0] * 30, "loss_sCM")
@@ -264,6 +265,7 @@ def test_groups_report_every_file_with_paired_deltas_and_verdicts(tmp_path, monk
     assert by_nfe[2]["delta"]["delta"] == pytest.approx(1.0) and by_nfe[2]["delta"]["verdict"] == "better"
     assert by_nfe[1]["delta"] == {"delta": 0.0, "interval": [0.0, 0.0], "level": 0.95, "verdict": "not separated"}
     assert by_nfe[2]["relative_to_teacher"] == pytest.approx(1.0)
+    assert by_nfe[2]["relative_interval"] == [1.0, 1.0] and by_nfe[1]["relative_interval"] == [0.0, 0.0]
     assert groups["timestep_scale"]["verdicts"] == [
         "sCM, ×1000 teacher, no rescaling (`--timestep_scale 1000`) vs from the rescaled ×1 teacher "
         "(`--rescaled_checkpoint_path`, `--timestep_scale 1`): not separated at NFE 1; variant better at NFE 2 "
@@ -280,7 +282,7 @@ def test_groups_report_every_file_with_paired_deltas_and_verdicts(tmp_path, monk
     assert "| sCM | clip at 0.1 (`--max_grad_norm 0.1`, the release scripts' value) | — | training failed |" in \
         (root / "max_grad_norm" / "table.md").read_text()
     table = (root / "timestep_scale" / "table.md").read_text()
-    assert "| sCM | ×1000 teacher, no rescaling (`--timestep_scale 1000`) | 2 | **100.0** [100.0, 100.0] | 100% | " \
+    assert "| sCM | ×1000 teacher, no rescaling (`--timestep_scale 1000`) | 2 | **100.0** [100.0, 100.0] | 100% [100, 100] | " \
            "+100.0 [+100.0, +100.0] | better |" in table
     summary = (root / "summary.md").read_text()
     assert summary.index("## Verdicts") < summary.index("## sCM from the ×1000 teacher")

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 from evaluation.shapes.benchmark import (SAMPLERS, BenchmarkError, Flags, Stages, _write_text, apply_overrides,
                                          find_row, sample_and_score, student_flags, train_student)
-from evaluation.shapes.stats import paired_difference, read_prompt_scores
+from evaluation.shapes.stats import paired_difference, paired_ratio, read_prompt_scores
 
 #: Rank of the LoRA students of the ``lora`` group (alpha = rank; target modules: training/lora.py's default).
 LORA_RANK = 16
@@ -182,7 +182,18 @@ def _relative(row: dict, reference: Optional[dict]) -> Optional[float]:
 
 def _slim(row: dict, reference: Optional[dict]) -> dict:
     keep = ("model", "nfe", "overall", "overall_interval", "tasks", "total_images", "samples_dir", "delta")
-    return {**{k: row[k] for k in keep if k in row}, "relative_to_teacher": _relative(row, reference)}
+    return {**{k: row[k] for k in keep if k in row}, "relative_to_teacher": _relative(row, reference),
+            "relative_interval": _relative_interval(row, reference)}
+
+
+def _relative_interval(row: dict, reference: Optional[dict]) -> Optional[list[float]]:
+    """95 % paired bootstrap interval of overall / the reference's (both sampled on the same prompts)."""
+    if not reference or reference["overall"] <= 0 or row is reference:
+        return None
+    if row.get("relative_interval") is not None:
+        return row["relative_interval"]
+    return paired_ratio(read_prompt_scores(row["samples_dir"]),
+                        read_prompt_scores(reference["samples_dir"]))["interval"]
 
 
 def run_group(stages: Stages, group: Group, rows: Sequence[dict]) -> dict:
@@ -326,10 +337,12 @@ def format_group_table(group: dict, chance: Optional[float] = None) -> str:
             if missing:
                 lines.append(f"| {arm['method']} | {label} | — | {missing} | — | — | see verdicts |")
             for row in rows:
-                rel = row.get("relative_to_teacher")
+                rel, rel_ci = row.get("relative_to_teacher"), row.get("relative_interval")
+                rel_text = "—" if rel is None else f"{100 * rel:.0f}%" + (
+                    f" [{100 * rel_ci[0]:.0f}, {100 * rel_ci[1]:.0f}]" if rel_ci else "")
                 verdict = (row["delta"] or {}).get("verdict", "—") if "delta" in row else "—"
                 lines.append(f"| {arm['method']} | {label} | {row['nfe']} | {_score_cell(row, chance)} | "
-                             f"{'—' if rel is None else f'{100 * rel:.0f}%'} | {_delta_cell(row.get('delta'))} | "
+                             f"{rel_text} | {_delta_cell(row.get('delta'))} | "
                              f"{verdict} |")
     return "\n".join(lines)
 
