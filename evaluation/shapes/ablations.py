@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from evaluation.shapes.benchmark import (SAMPLERS, BenchmarkError, Flags, Stages, _write_text, apply_overrides,
-                                         find_row, sample_and_score, student_flags, train_student)
-from evaluation.shapes.stats import paired_difference, paired_ratio, read_prompt_scores
+                                         find_row, relative_interval, sample_and_score, student_flags,
+                                         train_student)
+from evaluation.shapes.stats import paired_difference, read_prompt_scores
 
 #: Rank of the LoRA students of the ``lora`` group (alpha = rank; target modules: training/lora.py's default).
 LORA_RANK = 16
@@ -187,13 +188,9 @@ def _slim(row: dict, reference: Optional[dict]) -> dict:
 
 
 def _relative_interval(row: dict, reference: Optional[dict]) -> Optional[list[float]]:
-    """95 % paired bootstrap interval of overall / the reference's (both sampled on the same prompts)."""
-    if not reference or reference["overall"] <= 0 or row is reference:
+    if row is reference:
         return None
-    if row.get("relative_interval") is not None:
-        return row["relative_interval"]
-    return paired_ratio(read_prompt_scores(row["samples_dir"]),
-                        read_prompt_scores(reference["samples_dir"]))["interval"]
+    return row["relative_interval"] if row.get("relative_interval") is not None else relative_interval(row, reference)
 
 
 def run_group(stages: Stages, group: Group, rows: Sequence[dict]) -> dict:

@@ -170,17 +170,22 @@ def score_samples(folder: Path, metadata: list[dict], n_samples: int) -> dict:
             "tasks": {tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
 
 
-def add_relative_scores(rows: Sequence[dict], reference: Optional[dict]) -> None:
-    """Set each row's ``relative_to_teacher`` (overall / the reference's) and ``relative_interval`` (its 95 %
-    paired bootstrap interval over the prompts both sampled, :func:`~evaluation.shapes.stats.paired_ratio`)."""
+def relative_interval(row: dict, reference: Optional[dict]) -> Optional[list[float]]:
+    """95 % paired bootstrap interval of overall(row) / overall(reference) over the prompts both sampled
+    (:func:`~evaluation.shapes.stats.paired_ratio`); None without a reference that scores above 0."""
     from evaluation.shapes.stats import paired_ratio, read_prompt_scores
 
-    usable = reference is not None and reference["overall"] > 0
-    ref_scores = read_prompt_scores(reference["samples_dir"]) if usable else None
+    if reference is None or reference["overall"] <= 0:
+        return None
+    return paired_ratio(read_prompt_scores(row["samples_dir"]), read_prompt_scores(reference["samples_dir"]))["interval"]
+
+
+def add_relative_scores(rows: Sequence[dict], reference: Optional[dict]) -> None:
+    """Set each row's ``relative_to_teacher`` (overall / the reference's) and its ``relative_interval``."""
     for row in rows:
+        usable = reference is not None and reference["overall"] > 0
         row["relative_to_teacher"] = row["overall"] / reference["overall"] if usable else None
-        row["relative_interval"] = (paired_ratio(read_prompt_scores(row["samples_dir"]), ref_scores)["interval"]
-                                    if usable else None)
+        row["relative_interval"] = relative_interval(row, reference)
 
 
 def find_row(rows: Sequence[dict], model: str, nfe: int) -> Optional[dict]:
