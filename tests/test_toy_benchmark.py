@@ -187,8 +187,16 @@ def test_plot_marks_each_score_at_its_nfe(tmp_path):
     assert (x2 - x1) / (x28 - x1) == pytest.approx(1 / math.log2(28))
 
 
-def test_write_report_writes_all_four_files(tmp_path):
+def _scored(folder: Path) -> Path:
+    from evaluation.shapes.scorer import score_folder
+
+    score_folder(folder, folder / "results.jsonl")
+    return folder
+
+
+def test_write_report_writes_every_file(tmp_path):
     meta = _fake_samples(tmp_path / "a", [(255, 0, 0), (0, 255, 0)], 2)
+    _scored(tmp_path / "a")
     rows = [_row("teacher", 28, 0.8, tmp_path / "a"), _row("sCM", 2, 0.7, tmp_path / "a")]
     results = {"rows": rows, "reference_nfe": 28, "targets": B.evaluate_targets(rows), "wall_time_s": 60.0}
     paths = B.write_report(tmp_path, results, meta)
@@ -198,6 +206,8 @@ def test_write_report_writes_all_four_files(tmp_path):
     for key in ("grid", "plot"):
         with Image.open(paths[key]) as im:
             assert im.format == "PNG"
+    failures = paths["failures"].read_text().splitlines()
+    assert [line.split(" | ")[0] for line in failures[4:]] == ["| Teacher (Euler) @ 28", "| sCM @ 2"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -208,7 +218,7 @@ def test_quick_report_shows_the_committed_full_run_beside_it(tmp_path):
     beside = B.read_committed_table(committed)
     assert not beside.startswith("# ") and "### Targets" in beside and "| sCM | 2 |" in beside
     meta = _fake_samples(tmp_path / "a", [(255, 0, 0)], 1)
-    rows = [_row("teacher", 28, 0.8, tmp_path / "a")]
+    rows = [_row("teacher", 28, 0.8, _scored(tmp_path / "a"))]
     (tmp_path / "out").mkdir()
     (tmp_path / "plain").mkdir()
     table = B.write_report(tmp_path / "out", {"rows": rows, "committed_full_run": beside}, meta)["table"].read_text()
@@ -348,7 +358,7 @@ def test_benchmark_end_to_end_on_a_micro_teacher(tmp_path):
                      grid_prompts=3)
     out = tmp_path / "bench"
     results = B.run_benchmark(out, config, teacher, echo=False)
-    for name in ("results.json", "table.md", "grid.png", "plot.png", "commands.log"):
+    for name in ("results.json", "table.md", "failures.md", "grid.png", "plot.png", "commands.log"):
         assert (out / name).is_file(), name
     # the scorer's floor, measured on the same prompts and image count, is the table's last row
     assert results["chance"]["settings"]["images"] == results["rows"][0]["total_images"]

@@ -439,12 +439,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_report(out: PathLike, results: dict, metadata: Sequence[dict]) -> dict[str, Path]:
-    """Write results.json, table.md, grid.png and plot.png into ``out`` (each atomically)."""
+    """Write results.json, table.md, failures.md, grid.png and plot.png into ``out`` (each atomically)."""
+    from evaluation.shapes.failures import breakdown, format_breakdown, read_rows
+
     out = Path(out)
     rows = results["rows"]
     reference = results.get("reference_nfe", 28)
-    paths = {"results": out / "results.json", "table": out / "table.md", "grid": out / "grid.png",
-             "plot": out / "plot.png"}
+    paths = {"results": out / "results.json", "table": out / "table.md", "failures": out / "failures.md",
+             "grid": out / "grid.png", "plot": out / "plot.png"}
     lines = ["# Shapes-world distillation benchmark", ""]
     if results.get("description"):
         lines += [results["description"], ""]
@@ -461,6 +463,10 @@ def write_report(out: PathLike, results: dict, metadata: Sequence[dict]) -> dict
         lines += ["", "Ablations (one option changed per row, against these students): "
                       "[ablations/summary.md](ablations/summary.md)."]
     _write_text(paths["table"], "\n".join(lines) + "\n")
+    named = [(f"{MODELS.get(r['model'], r['model'])} @ {r['nfe']}", breakdown(read_rows(Path(r["samples_dir"]))))
+             for r in rows]
+    _write_text(paths["failures"], "# How position and counting prompts fail (python -m evaluation.shapes.failures)\n\n"
+                + format_breakdown(named) + "\n")
     draw_grid(rows, metadata, grid_columns(metadata, results.get("grid_prompts", 8)), paths["grid"])
     draw_plot(rows, paths["plot"], chance=results.get("chance"))
     _write_text(paths["results"], json.dumps(results, indent=2) + "\n")
