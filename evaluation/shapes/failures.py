@@ -12,7 +12,8 @@ Among the images with both objects it also gives the **relation-blind rate**: th
 relations of how often each holds for the drawn layout. It is what the asked relation would score if the
 model placed the objects without reading the relation word; a model that reads it scores well above it.
 
-For counting images: ``too few`` / ``exact`` / ``too many`` objects of the named shape and colour.
+For counting images: ``too few`` / ``exact`` / ``too many`` objects of the named shape and colour (the scorer
+also fails an exact image holding one more of the shape in another colour, GenEval's ``exclude`` rule).
 
 CLI::
 
