@@ -108,3 +108,20 @@ def test_micro_sweep_scores_validation_prompts_only_and_picks_the_argmax(tmp_pat
     again = S.run_sweep(out, base, "sCM", candidates, target_nfe=1, teacher_dir=teacher, echo=False)
     assert all(c["reused"] for c in again["commands"])
     assert [r["overall"] for r in again["candidates"]] == [r["overall"] for r in written["candidates"]]
+
+
+def test_sweeps_of_both_methods_in_one_folder_use_their_own_runs_and_samples(tmp_path, monkeypatch):
+    """A candidate's run and sample folders carry the method: an sCM and a MeanFlow sweep sharing one OUT (its
+    data and rescaled teacher) must not train or sample into each other's folders (a trainer resumes whatever
+    checkpoint its output folder holds)."""
+    used = []
+    monkeypatch.setattr(B, "train_student", lambda stages, method, stage, folder: used.append(folder) or folder / "x.pt")
+    monkeypatch.setattr(B, "sample_and_score", lambda stages, name, nfe, cli, folder: used.append(folder) or
+                        {"overall": 0.5, "overall_interval": [0.4, 0.6], "tasks": {}})
+    stages = B.Stages(B.Runner(tmp_path, threads=1, echo=False), B.BenchmarkConfig(), tmp_path, tmp_path / "teacher",
+                      {}, tmp_path / "validation.jsonl", [], tmp_path / "rescaled.pt")
+    candidate = S.Candidate(600, 1e-4)
+    S._run_candidate(stages, "sCM", candidate, 2)
+    S._run_candidate(stages, "MeanFlow", candidate, 2)
+    assert len(set(used)) == 4
+    assert used[0].parent == used[2].parent == tmp_path / "runs" and used[0].name.startswith("sCM_")

@@ -11,8 +11,8 @@ validation overall at the target NFE (ties go to the cheaper schedule: fewer ste
 benchmark command that then reports it on the report set.
 
 Outputs in ``OUT``: ``sweep.json`` (every candidate's scores with 95 % bootstrap intervals over prompts, the
-choice, the command), ``sweep.md`` (the table); runs in ``OUT/runs/<candidate>/``, samples in
-``OUT/samples/<candidate>_nfe<N>/``. Finished stages are skipped when re-run (the benchmark's runner), so an
+choice, the command), ``sweep.md`` (the table); runs in ``OUT/runs/<method>_<candidate>/``, samples in
+``OUT/samples/<method>_<candidate>_nfe<N>/``. Finished stages are skipped when re-run (the benchmark's runner), so an
 interrupted sweep resumes and a wider grid trains only the new candidates.
 
 Command line (every benchmark flag is accepted and applies to all candidates)::
@@ -106,9 +106,11 @@ def run_sweep(out: Path, base: B.BenchmarkConfig, method: str, candidates: Seque
 def _run_candidate(stages: B.Stages, method: str, candidate: Candidate, target_nfe: int) -> dict:
     """Train one schedule with the benchmark's flags and score it on the validation prompts."""
     own = replace(stages, config=candidate.config(stages.config, method))
-    export = B.train_student(own, method, f"{method}_{candidate.key}", stages.out / "runs" / candidate.key)
-    row = B.sample_and_score(own, f"{method}_{candidate.key}", target_nfe, [B.SAMPLERS[method], "--resume_path", export],
-                             stages.out / "samples" / f"{candidate.key}_nfe{target_nfe}")
+    # the method is in every name: sweeps of both students may share one OUT (its data and rescaled teacher)
+    name = f"{method}_{candidate.key}"
+    export = B.train_student(own, method, name, stages.out / "runs" / name)
+    row = B.sample_and_score(own, name, target_nfe, [B.SAMPLERS[method], "--resume_path", export],
+                             stages.out / "samples" / f"{name}_nfe{target_nfe}")
     return {"key": candidate.key, **asdict(candidate), **row, "export": str(export)}
 
 
