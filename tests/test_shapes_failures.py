@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from evaluation.shapes import domain, failures, scorer
+from evaluation.shapes.stats import read_results
 
 
 def _row(tmp_path, objects, spec):
@@ -60,7 +61,7 @@ def test_ground_truth_renders_are_all_correct(tmp_path):
     specs = [s for s in domain.heldout_specs(4, seed=0) if s["tag"] in ("position", "counting")]
     folder = domain.write_reference_folder(specs, tmp_path / "gt", n_samples=2)
     scorer.score_folder(folder, folder / "results.jsonl")
-    b = failures.breakdown(failures.read_rows(folder))
+    b = failures.breakdown(read_results(folder))
     assert b["position"]["correct"] == b["position_images"] == 8
     assert b["counting"]["exact"] == b["counting_images"] == 8
     assert b["relation_blind_rate"] < 1.0  # a layout satisfies 1-2 of the 4 relations, never all

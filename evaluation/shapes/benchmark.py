@@ -440,7 +440,8 @@ def _write_text(path: Path, text: str) -> None:
 
 def write_report(out: PathLike, results: dict, metadata: Sequence[dict]) -> dict[str, Path]:
     """Write results.json, table.md, failures.md, grid.png and plot.png into ``out`` (each atomically)."""
-    from evaluation.shapes.failures import breakdown, format_breakdown, read_rows
+    from evaluation.shapes.failures import breakdown, format_breakdown
+    from evaluation.shapes.stats import read_results
 
     out = Path(out)
     rows = results["rows"]
@@ -463,7 +464,7 @@ def write_report(out: PathLike, results: dict, metadata: Sequence[dict]) -> dict
         lines += ["", "Ablations (one option changed per row, against these students): "
                       "[ablations/summary.md](ablations/summary.md)."]
     _write_text(paths["table"], "\n".join(lines) + "\n")
-    named = [(f"{MODELS.get(r['model'], r['model'])} @ {r['nfe']}", breakdown(read_rows(Path(r["samples_dir"]))))
+    named = [(f"{MODELS.get(r['model'], r['model'])} @ {r['nfe']}", breakdown(read_results(r["samples_dir"])))
              for r in rows]
     _write_text(paths["failures"], "# How position and counting prompts fail (python -m evaluation.shapes.failures)\n\n"
                 + format_breakdown(named) + "\n")

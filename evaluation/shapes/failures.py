@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from evaluation.shapes.domain import POSITION_THRESHOLD, relative_position
+from evaluation.shapes.stats import read_results
 
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -89,15 +90,6 @@ def breakdown(rows: Iterable[dict], threshold: float = POSITION_THRESHOLD) -> di
     }
 
 
-def read_rows(folder: Path) -> list[dict]:
-    path = Path(folder) / "results.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: score the folder first (python -m evaluation.shapes.scorer "
-                                f"{folder} --outfile {path})")
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def _pct(value: Optional[float]) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -122,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--position_threshold", type=float, default=POSITION_THRESHOLD, help="GenEval's box-rule slack")
     p.add_argument("--json", type=Path, default=None, help="also write every breakdown here")
     args = p.parse_args(argv)
-    named = [(folder.name, breakdown(read_rows(folder), args.position_threshold)) for folder in args.samples]
+    named = [(folder.name, breakdown(read_results(folder), args.position_threshold)) for folder in args.samples]
     print(format_breakdown(named))
     if args.json:
         args.json.write_text(json.dumps(dict(named), indent=2) + "\n", encoding="utf-8")

@@ -35,13 +35,19 @@ def per_prompt_scores(rows: Sequence[dict]) -> dict[str, list[float]]:
     return {tag: list(scores.values()) for tag, scores in keyed_prompt_scores(rows).items()}
 
 
-def read_prompt_scores(folder: Union[str, Path]) -> PromptScores:
-    """:func:`keyed_prompt_scores` of a scored sample folder (its ``results.jsonl``, written by the scorer)."""
+def read_results(folder: Union[str, Path]) -> list[dict]:
+    """The scorer rows of a scored sample folder (its ``results.jsonl``), read by GenEval's own reader."""
+    from evaluation.summarize_geneval import load_results
+
     path = Path(folder) / "results.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: score the folder first (python -m evaluation.shapes.scorer)")
-    with open(path, encoding="utf-8") as fh:
-        return keyed_prompt_scores([json.loads(line) for line in fh if line.strip()])
+    return load_results(path)
+
+
+def read_prompt_scores(folder: Union[str, Path]) -> PromptScores:
+    """:func:`keyed_prompt_scores` of a scored sample folder (its ``results.jsonl``, written by the scorer)."""
+    return keyed_prompt_scores(read_results(folder))
 
 
 def bootstrap_interval(scores: dict[str, Sequence[float]], level: float = 0.95, n_boot: int = 4000,
