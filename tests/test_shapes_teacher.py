@@ -248,6 +248,23 @@ def test_caption_probe_reads_the_t5_tokens_order_blind():
     assert loss.item() > 0 and loss.requires_grad
 
 
+
+def test_weighted_flow_batches_follow_the_tag_weights():
+    """Rows are drawn in proportion to their tag's weight (unnamed tags weigh 1); no weights: the uniform draw."""
+    from evaluation.shapes.teacher_build.flow import tag_row_weights
+
+    tags = ["position"] * 10 + ["colors"] * 30
+    weights = tag_row_weights(tags, {"position": 3.0})
+    assert weights.tolist() == [3.0] * 10 + [1.0] * 30
+    latents, index = torch.arange(40.0)[:, None, None], torch.arange(40)
+    text = T.FrozenText(torch.zeros(40, 2, 4), torch.zeros(40, 4), torch.zeros(1, 2, 4), torch.zeros(1, 4))
+    gen = torch.Generator().manual_seed(0)
+    x0 = T.draw_flow_batch(gen, latents, index, text, 4000, 0.0, weights)[0].flatten()
+    share = (x0 < 10).float().mean().item()  # expected 30 / (30 + 30) = 0.5; uniform would give 0.25
+    assert abs(share - 0.5) < 0.03, share
+    x0 = T.draw_flow_batch(gen, latents, index, text, 4000, 0.0)[0].flatten()
+    assert abs((x0 < 10).float().mean().item() - 0.25) < 0.03
+
 @pytest.mark.slow
 def test_v3_build_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     config = replace(T.teacher_recipe("v3"), num_images=24, vae_steps=2, vae_batch_size=4, steps=4, batch_size=4,

@@ -57,9 +57,11 @@ def text_binding_report(pipe, max_sequence_length: int = 16) -> list[dict]:
 
 def cfg_sweep(pipe, scales: Sequence[float], work_dir: Path, prompts_per_tag: int = 16, samples: int = 2,
               steps: int = 28, guidance: float = 3.5, seed: int = 0, batch_size: int = 32,
-              max_sequence_length: int = 16) -> dict:
+              max_sequence_length: int = 16, tags: Optional[Sequence[str]] = None) -> dict:
     """Held-out score per true-CFG scale (1 = plain conditional sampling); ``guidance`` feeds the
-    guidance embedding. Returns ``{scale: {"overall", "tasks": {tag: accuracy}, "images"}}``."""
+    guidance embedding; ``tags``: only these GenEval tags (default all). Each scale's folder keeps its
+    ``results.jsonl`` (for :mod:`evaluation.shapes.failures`). Returns ``{scale: {"overall", "tasks":
+    {tag: accuracy}, "images"}}``."""
     import torch
 
     from evaluation.generate import image_generators
@@ -69,7 +71,7 @@ def cfg_sweep(pipe, scales: Sequence[float], work_dir: Path, prompts_per_tag: in
     from evaluation.shapes.teacher import UNCONDITIONAL_PROMPT, _progress
     from evaluation.summarize_geneval import summarize_rows
 
-    specs = heldout_specs(prompts_per_tag, seed)
+    specs = [s for s in heldout_specs(prompts_per_tag, seed) if tags is None or s["tag"] in tags]
     jobs = [(i, k) for i in range(len(specs)) for k in range(samples)]
     pipe.set_progress_bar_config(disable=True)
     results = {}
@@ -89,7 +91,7 @@ def cfg_sweep(pipe, scales: Sequence[float], work_dir: Path, prompts_per_tag: in
                 image.save(sample_path(root, i, k))
             bar.update(len(chunk))
         bar.close()
-        summary = summarize_rows(score_folder(root), specs)
+        summary = summarize_rows(score_folder(root, root / "results.jsonl"), specs)
         results[f"{scale:g}"] = {"overall": summary["overall"], "images": summary["total_images"],
                                  "tasks": {t: v["accuracy"] for t, v in summary["tasks"].items()}}
     return results

@@ -3,7 +3,7 @@ latents, initialisation, the draw of a training batch and the stage itself."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -72,18 +72,40 @@ def train_transformer(transformer, latents, caption_embeds, caption_pooled, capt
 
 
 
-def draw_flow_batch(generator, latents, caption_index, text, batch: int, caption_dropout: float):
-    """One training batch, in a fixed order of draws from ``generator`` (resumes depend on it): image rows,
-    caption-dropout mask, flow times, noise. Returns (x₀, T5 states, pooled CLIP, t, ε)."""
+def draw_flow_batch(generator, latents, caption_index, text, batch: int, caption_dropout: float,
+                    row_weights: Optional["torch.Tensor"] = None):
+    """One training batch, in a fixed order of draws from ``generator`` (resumes depend on it): image rows
+    (uniform, or in proportion to ``row_weights``), caption-dropout mask, flow times, noise. Returns
+    (x₀, T5 states, pooled CLIP, t, ε)."""
     import torch
 
-    idx = torch.randint(latents.shape[0], (batch,), generator=generator)
+    if row_weights is None:
+        idx = torch.randint(latents.shape[0], (batch,), generator=generator)
+    else:
+        idx = torch.multinomial(row_weights, batch, replacement=True, generator=generator)
     x0 = latents[idx]
     drop = torch.rand(batch, generator=generator) < caption_dropout
     enc, pooled = text(caption_index[idx], drop)
     t = sample_flow_times(batch, generator)
     eps = torch.randn(x0.shape, generator=generator)
     return x0, enc, pooled, t, eps
+
+
+def tag_row_weights(tags: Sequence[str], weights: dict) -> "torch.Tensor":
+    """Draw weight of every training row from its GenEval tag (tags missing from ``weights`` weigh 1)."""
+    import torch
+
+    return torch.tensor([float(weights.get(tag, 1.0)) for tag in tags])
+
+
+def flow_matching_loss(transformer, batch: tuple, guidance: "torch.Tensor", txt_ids, img_ids) -> "torch.Tensor":
+    """Rectified-flow loss ‖v_θ(z_t, t) − (ε − x₀)‖², z_t = (1 − t)·x₀ + t·ε, of a :func:`draw_flow_batch` batch."""
+    x0, enc, pooled, t, eps = batch
+    tb = t[:, None, None]
+    z_t = (1 - tb) * x0 + tb * eps
+    pred = transformer(hidden_states=z_t, timestep=t, guidance=guidance, encoder_hidden_states=enc,
+                       pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return (pred.float() - (eps - x0)).square().mean()
 
 
 def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_ids, config: TeacherConfig,
@@ -106,16 +128,13 @@ def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_
         return warmup_cosine_lr(step, config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio)
 
     def loss_fn(step: int):
-        x0, enc, pooled, t, eps = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout)
+        batch = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout)
         if config.flow_guidance is None:
             g = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(b, generator=gen)
         else:
             g = torch.full((b,), float(config.flow_guidance))
-        tb = t[:, None, None]
-        z_t = (1 - tb) * x0 + tb * eps
-        pred = transformer(hidden_states=z_t, timestep=t, guidance=g, encoder_hidden_states=enc,
-                           pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        return (pred.float() - (eps - x0)).square().mean()
+        return flow_matching_loss(transformer, batch, g, txt_ids, img_ids)
 
     return optimise("transformer", modules, loss_fn, config.steps, lr_at, gen, config, checkpoint, budget,
                     progress, log)
+
