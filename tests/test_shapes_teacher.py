@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from evaluation.shapes import teacher as T
+from evaluation.shapes.teacher_build.recipes import tiny_flux_config
 
 
 def _toy_config(**kw) -> T.TeacherConfig:
@@ -214,6 +215,31 @@ def test_recipes_and_the_committed_key():
     assert T._config_key(old) != T._config_key(v2.to_dict())
     with pytest.raises(ValueError, match="unknown teacher recipe"):
         T.teacher_recipe("v9")
+
+
+def _useful_rope_pairs(axis_dim: int, positions: int = 8, theta: float = 10000.0) -> int:
+    """Frequency pairs of one RoPE axis (FLUX's ω_k = θ^(−2k/d)) whose angle across the grid is in [0.5, π]:
+    they turn enough to tell positions apart and not so far that they wrap."""
+    import math
+
+    return sum(0.5 <= (positions - 1) * theta ** (-2 * k / axis_dim) <= math.pi for k in range(axis_dim // 2))
+
+
+def test_v5_widens_the_rope_axes_at_the_same_width(tmp_path):
+    from data.tiny_flux import build_tiny_flux_pipeline
+    from diffusers import FluxTransformer2DModel
+
+    v4, v5 = T.teacher_recipe("v4"), T.teacher_recipe("v5")
+    assert v5.flux["num_attention_heads"] * v5.flux["attention_head_dim"] == (
+        v4.flux["num_attention_heads"] * v4.flux["attention_head_dim"])
+    assert sum(v5.flux["axes_dims_rope"]) == v5.flux["attention_head_dim"]
+    assert (_useful_rope_pairs(v4.flux["axes_dims_rope"][1]), _useful_rope_pairs(v5.flux["axes_dims_rope"][1])) == (1, 3)
+    # every field but the transformer's is v4's, so v4's VAE and text stage carry over
+    assert T._vae_key(v5.to_dict()) == T._vae_key(v4.to_dict())
+    assert {k: v for k, v in v5.to_dict().items() if k != "flux"} == {k: v for k, v in v4.to_dict().items() if k != "flux"}
+    folder = build_tiny_flux_pipeline(tmp_path / "p", seed=0, config=tiny_flux_config(v5))
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    assert transformer.config.attention_head_dim == 64 and list(transformer.config.axes_dims_rope) == [8, 28, 28]
 
 
 def _hashes(folder: Path) -> dict[str, str]:

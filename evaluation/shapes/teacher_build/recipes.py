@@ -123,7 +123,10 @@ class TeacherConfig:
 #: ignored). v2: text encoders trained jointly, caption dropout for CFG, then guidance distillation.
 #: v3: v2 after a caption-parsing pretraining of the text encoders (text_pretrain_steps).
 #: v4: v3 with the pretrained encoders frozen during flow matching (joint training undid the binding).
-RECIPES = ("v1", "v2", "v3", "v4")
+#: v5: v4 with 2 attention heads of 64 and RoPE axes (8, 28, 28) instead of 4 of 32 and (8, 12, 12): same width,
+#: three to four RoPE frequency pairs per axis that turn usefully across the 8 x 8 token grid instead of one or two
+#: (v4 places objects almost blind to the relation; docs/toy_benchmark/teacher_diagnosis.md).
+RECIPES = ("v1", "v2", "v3", "v4", "v5")
 #: The recipe of the teacher committed in assets/shapes_teacher (what ``--rebuild_teacher`` remakes).
 COMMITTED_RECIPE = "v4"
 
@@ -139,6 +142,10 @@ def teacher_recipe(name: str = COMMITTED_RECIPE) -> TeacherConfig:
         return replace(teacher_recipe("v2"), text_pretrain_steps=3000)
     if name == "v4":  # the pretrained encoders stay frozen during flow matching, as FLUX's
         return replace(teacher_recipe("v3"), train_text_encoders=False)
+    if name == "v5":  # stages before flow matching read no transformer field: v4's text.pt and VAE are v5's
+        v4 = teacher_recipe("v4")
+        return replace(v4, flux={**v4.flux, "num_attention_heads": 2, "attention_head_dim": 64,
+                                 "axes_dims_rope": [8, 28, 28]})
     raise ValueError(f"unknown teacher recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
