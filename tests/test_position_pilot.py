@@ -138,3 +138,12 @@ def test_score_samples_only_the_pilot_tags_and_breaks_them_down(tiny_teacher, tm
     assert report["images"] == len(P.SCORED_TAGS) and set(report["tasks"]) == set(P.SCORED_TAGS)
     assert (tmp_path / "samples" / "cfg_2" / "results.jsonl").is_file()
     assert report["failures"]["position_images"] == 1 and report["failures"]["counting_images"] == 1
+
+
+def test_finetune_refuses_an_output_dir_of_other_flags(tmp_path):
+    """A fine-tuning resumes the folder's finetune.pt, so a folder of another run is refused, not continued."""
+    out = tmp_path / "o"
+    P._claim_output_dir(out, {"steps": 10, "tag_weights": ""})
+    P._claim_output_dir(out, {"steps": 10, "tag_weights": ""})  # the same run: resumable
+    with pytest.raises(ValueError, match="other flags \\(tag_weights\\)"):
+        P._claim_output_dir(out, {"steps": 10, "tag_weights": "position=4"})

@@ -348,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"t={t}: " + ", ".join(f"{k} {v:.5f}" for k, v in row.items()))
     else:
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        _claim_output_dir(out, {k: v for k, v in vars(args).items() if k not in ("output", "threads")})
         report, started = {"args": vars(args)}, time.perf_counter()
         if grow:
             pipe.transformer = grow_transformer(pipe.transformer, *grow)
@@ -370,6 +370,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.output:
         _write_report(Path(args.output), report)
     return 0
+
+
+def _claim_output_dir(out: Path, flags: dict) -> None:
+    """Record ``flags`` in ``out/flags.json``; refuse a folder that holds a run with other flags, whose
+    ``finetune.pt`` the fine-tuning would otherwise resume."""
+    marker = out / "flags.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        if saved != flags:
+            changed = sorted(k for k in set(saved) | set(flags) if saved.get(k) != flags.get(k))
+            raise ValueError(f"--output_dir {out} holds a pilot run with other flags ({', '.join(changed)}); "
+                             "choose an empty folder, or repeat that run's flags to resume it")
+        return
+    _write_report(marker, flags)
 
 
 def _write_report(path: Path, report: dict) -> None:
