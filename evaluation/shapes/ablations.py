@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from evaluation.shapes.benchmark import (SAMPLERS, BenchmarkError, Flags, Stages, _write_text, apply_overrides,
-                                         find_row, relative_interval, sample_and_score, student_flags,
-                                         train_student)
+                                         find_row, relative_interval, relative_score, sample_and_score,
+                                         student_flags, train_student)
 from evaluation.shapes.stats import paired_difference, read_prompt_scores
 
 #: Rank of the LoRA students of the ``lora`` group (alpha = rank; target modules: training/lora.py's default).
@@ -173,17 +173,13 @@ def compare(variant_rows: Sequence[dict], baseline_rows: Sequence[dict], referen
         delta = None
         if base is not None:
             delta = paired_difference(read_prompt_scores(row["samples_dir"]), read_prompt_scores(base["samples_dir"]))
-        out.append({**row, "relative_to_teacher": _relative(row, reference), "delta": delta})
+        out.append({**row, "relative_to_teacher": relative_score(row, reference), "delta": delta})
     return out
-
-
-def _relative(row: dict, reference: Optional[dict]) -> Optional[float]:
-    return row["overall"] / reference["overall"] if reference and reference["overall"] > 0 else None
 
 
 def _slim(row: dict, reference: Optional[dict]) -> dict:
     keep = ("model", "nfe", "overall", "overall_interval", "tasks", "total_images", "samples_dir", "delta")
-    return {**{k: row[k] for k in keep if k in row}, "relative_to_teacher": _relative(row, reference),
+    return {**{k: row[k] for k in keep if k in row}, "relative_to_teacher": relative_score(row, reference),
             "relative_interval": _relative_interval(row, reference)}
 
 

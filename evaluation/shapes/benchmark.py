@@ -170,21 +170,29 @@ def score_samples(folder: Path, metadata: list[dict], n_samples: int) -> dict:
             "tasks": {tag: task["accuracy"] for tag, task in summary["tasks"].items()}}
 
 
+def _usable_reference(reference: Optional[dict]) -> bool:
+    return reference is not None and reference["overall"] > 0
+
+
+def relative_score(row: dict, reference: Optional[dict]) -> Optional[float]:
+    """overall(row) / overall(reference); None without a reference that scores above 0."""
+    return row["overall"] / reference["overall"] if _usable_reference(reference) else None
+
+
 def relative_interval(row: dict, reference: Optional[dict]) -> Optional[list[float]]:
     """95 % paired bootstrap interval of overall(row) / overall(reference) over the prompts both sampled
     (:func:`~evaluation.shapes.stats.paired_ratio`); None without a reference that scores above 0."""
     from evaluation.shapes.stats import paired_ratio, read_prompt_scores
 
-    if reference is None or reference["overall"] <= 0:
+    if not _usable_reference(reference):
         return None
     return paired_ratio(read_prompt_scores(row["samples_dir"]), read_prompt_scores(reference["samples_dir"]))["interval"]
 
 
 def add_relative_scores(rows: Sequence[dict], reference: Optional[dict]) -> None:
-    """Set each row's ``relative_to_teacher`` (overall / the reference's) and its ``relative_interval``."""
+    """Set each row's ``relative_to_teacher`` (:func:`relative_score`) and ``relative_interval``."""
     for row in rows:
-        usable = reference is not None and reference["overall"] > 0
-        row["relative_to_teacher"] = row["overall"] / reference["overall"] if usable else None
+        row["relative_to_teacher"] = relative_score(row, reference)
         row["relative_interval"] = relative_interval(row, reference)
 
 

@@ -137,4 +137,3 @@ def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_
 
     return optimise("transformer", modules, loss_fn, config.steps, lr_at, gen, config, checkpoint, budget,
                     progress, log)
-
