@@ -171,6 +171,28 @@ def test_every_variant_changes_a_real_trainer_flag(tmp_path):
                 assert getattr(changed, dest) != getattr(baseline, dest), (variant.key, name)
 
 
+def test_every_variants_sampler_flags_parse_and_change_the_sampler():
+    """A variant's extra sampling flags (e.g. the ``ema`` group's ``--use_ema``) are real options of its
+    method's sampling CLI and change what it samples; without them the EMA students would be sampled raw."""
+    from model.sampling_cli import parse_args
+
+    names = {"sCM": "scm", "MeanFlow": "meanflow"}
+    common = ["--prompt", "a red circle", "--resume_path", "run/ckpts/transformer_600.pt", "--output_dir", "out"]
+    flagged = [v for g in A.GROUPS.values() for v in g.variants if v.sample_flags]
+    assert {v.key for v in flagged} >= {"sCM_ema", "MeanFlow_ema"}
+    for variant in flagged:
+        plain = parse_args(names[variant.method], common)
+        extra = parse_args(names[variant.method], common + list(variant.sample_flags))
+        for flag in variant.sample_flags:
+            dest = flag[2:]
+            assert getattr(extra, dest) != getattr(plain, dest), (variant.key, flag)
+
+
+def test_render_flags_switch_is_a_bare_flag():
+    flags = {"--a": 1, "--b": True, "--use_ema": B.SWITCH, "--c": "x"}
+    assert B.render_flags(flags) == ["--a", 1, "--b=True", "--use_ema", "--c", "x"]
+
+
 # --------------------------------------------------------------------------------------------
 # The report, with fake trainer and sampler
 

@@ -502,15 +502,28 @@ def _python() -> str:
     return sys.executable
 
 
-#: A trainer's flags in command-line order: ``{"--flag": value}``; a bool renders as ``--flag=True``.
+#: A trainer's flags in command-line order: ``{"--flag": value}``; a bool renders as ``--flag=True``,
+#: :data:`SWITCH` as the bare flag (an argparse ``store_true`` option such as ``--use_ema``).
 Flags = dict[str, Any]
 
 
+class _Switch:
+    def __repr__(self) -> str:
+        return "SWITCH"
+
+
+#: The value of a flag that takes none: ``{"--use_ema": SWITCH}`` renders as ``--use_ema``.
+SWITCH = _Switch()
+
+
 def render_flags(flags: Flags) -> list:
-    """``{"--a": 1, "--b": True}`` → ``["--a", 1, "--b=True"]`` (the order of the dict)."""
+    """``{"--a": 1, "--b": True, "--c": SWITCH}`` → ``["--a", 1, "--b=True", "--c"]`` (the order of the dict)."""
     argv: list = []
     for name, value in flags.items():
-        argv += [f"{name}={value}"] if isinstance(value, bool) else [name, value]
+        if value is SWITCH:
+            argv.append(name)
+        else:
+            argv += [f"{name}={value}"] if isinstance(value, bool) else [name, value]
     return argv
 
 
