@@ -5,7 +5,7 @@
 #   -> OUT/results.json, OUT/table.md, OUT/grid.png, OUT/plot.png
 # Usage: bash script/toy_benchmark.sh [OUT] [--quick] [--ablations all|GROUP,...] [more evaluation.shapes.benchmark flags]
 #   --ablations: also train and score one-option variants of the students (docs/toy_benchmark/ablations.md),
-#   into OUT/ablations/; `all` adds about 110 core-minutes (12 trainings) to the full run: 1.5-2 h on 2 cores.
+#   into OUT/ablations/; `all` adds about 130 core-minutes (14 trainings) to the full run: 2-2.5 h on 2 cores.
 #   OUT defaults to outputs/toy_benchmark (outputs/toy_benchmark_quick with --quick).
 #   Full run: about 25 min on one core at one thread (408 images a row); --quick: about 10 min on 2 cores. Re-running OUT skips finished stages
 #   (--fresh redoes them); --rebuild_teacher retrains the teacher too (about 50 min more).
