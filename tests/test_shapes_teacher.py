@@ -291,6 +291,47 @@ def test_weighted_flow_batches_follow_the_tag_weights():
     x0 = T.draw_flow_batch(gen, latents, index, text, 4000, 0.0)[0].flatten()
     assert abs((x0 < 10).float().mean().item() - 0.25) < 0.03
 
+
+def test_shifted_flow_times_match_the_closed_form():
+    """SD3's shift t ↦ s·t / (1 + (s − 1)·t) of the half logit-normal, half uniform draw: the share of times above
+    0.9 is, with u* = 0.9 / (s − (s − 1)·0.9) the unshifted time that lands on 0.9,
+    ½·P(sigmoid(z) > u*) + ½·(1 − u*) = ½·(1 − Φ(logit u*)) + ½·(1 − u*). Shift 1 is the old draw, bit for bit."""
+    import math
+
+    from evaluation.shapes.teacher_build.flow import sample_flow_times, shift_flow_times
+
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert shift_flow_times(t, 1.0) is t
+    assert torch.allclose(shift_flow_times(t, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+    unshifted = sample_flow_times(200_000, torch.Generator().manual_seed(0))
+    again = sample_flow_times(200_000, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(unshifted, again)
+    shifted = sample_flow_times(200_000, torch.Generator().manual_seed(0), 3.0)
+    inside = (unshifted > 1e-3) & (unshifted < 1 - 1e-3)  # the unshifted draw is clamped to [1e-4, 1 - 1e-4]
+    assert torch.allclose(shifted[inside], shift_flow_times(unshifted[inside], 3.0), atol=1e-6)
+
+    def share_above(threshold: float, s: float) -> float:
+        u = threshold / (s - (s - 1) * threshold)
+        normal_tail = 0.5 * math.erfc(math.log(u / (1 - u)) / math.sqrt(2))
+        return 0.5 * normal_tail + 0.5 * (1 - u)
+
+    for s, draw in ((1.0, unshifted), (3.0, shifted)):
+        assert abs((draw > 0.9).float().mean().item() - share_above(0.9, s)) < 0.004, s
+    assert share_above(0.9, 3.0) > 3 * share_above(0.9, 1.0)  # the point of v6: 3.4x the layout-deciding times
+
+
+def test_v6_is_v4_with_shifted_flow_times():
+    v4, v6 = T.teacher_recipe("v4"), T.teacher_recipe("v6")
+    assert v6.flow_time_shift == 3.0 and v4.flow_time_shift == 1.0
+    assert {k: v for k, v in v6.to_dict().items() if k != "flow_time_shift"} == {
+        k: v for k, v in v4.to_dict().items() if k != "flow_time_shift"}
+    # build infos written before the field existed keep their key (the committed v4 teacher is reused)
+    old = {k: v for k, v in v4.to_dict().items() if k != "flow_time_shift"}
+    assert T._config_key(old) == T._config_key(v4.to_dict()) != T._config_key(v6.to_dict())
+    with pytest.raises(ValueError, match="flow_time_shift must be > 0"):
+        replace(v4, flow_time_shift=0.0).validate()
+
+
 @pytest.mark.slow
 def test_v3_build_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     config = replace(T.teacher_recipe("v3"), num_images=24, vae_steps=2, vae_batch_size=4, steps=4, batch_size=4,

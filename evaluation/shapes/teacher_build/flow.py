@@ -50,14 +50,23 @@ def adaln_zero_init(transformer) -> int:
     return len(layers)
 
 
-def sample_flow_times(batch: int, generator) -> "torch.Tensor":
-    """Half logit-normal(0, 1), half U(0, 1) flow times in (0, 1)."""
+def sample_flow_times(batch: int, generator, shift: float = 1.0) -> "torch.Tensor":
+    """Half logit-normal(0, 1), half U(0, 1) flow times in (0, 1), then :func:`shift_flow_times`."""
     import torch
 
     logit = torch.sigmoid(torch.randn(batch, generator=generator))
     uniform = torch.rand(batch, generator=generator)
     pick = torch.rand(batch, generator=generator) < 0.5
-    return torch.where(pick, logit, uniform).clamp(1e-4, 1 - 1e-4)
+    t = torch.where(pick, logit, uniform)
+    return shift_flow_times(t, shift).clamp(1e-4, 1 - 1e-4)
+
+
+def shift_flow_times(t: "torch.Tensor", shift: float) -> "torch.Tensor":
+    """SD3's timestep shift t ↦ s·t / (1 + (s − 1)·t): monotone, fixes 0 and 1, moves the median time 1/2 to
+    s / (1 + s). ``shift`` 1 returns ``t`` itself (so unshifted builds stay bit-identical)."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def train_transformer(transformer, latents, caption_embeds, caption_pooled, caption_index, uncond_embeds,
@@ -73,10 +82,10 @@ def train_transformer(transformer, latents, caption_embeds, caption_pooled, capt
 
 
 def draw_flow_batch(generator, latents, caption_index, text, batch: int, caption_dropout: float,
-                    row_weights: Optional["torch.Tensor"] = None):
+                    row_weights: Optional["torch.Tensor"] = None, time_shift: float = 1.0):
     """One training batch, in a fixed order of draws from ``generator`` (resumes depend on it): image rows
-    (uniform, or in proportion to ``row_weights``), caption-dropout mask, flow times, noise. Returns
-    (x₀, T5 states, pooled CLIP, t, ε)."""
+    (uniform, or in proportion to ``row_weights``), caption-dropout mask, flow times (shifted by
+    ``time_shift``, :func:`shift_flow_times`), noise. Returns (x₀, T5 states, pooled CLIP, t, ε)."""
     import torch
 
     if row_weights is None:
@@ -86,7 +95,7 @@ def draw_flow_batch(generator, latents, caption_index, text, batch: int, caption
     x0 = latents[idx]
     drop = torch.rand(batch, generator=generator) < caption_dropout
     enc, pooled = text(caption_index[idx], drop)
-    t = sample_flow_times(batch, generator)
+    t = sample_flow_times(batch, generator, time_shift)
     eps = torch.randn(x0.shape, generator=generator)
     return x0, enc, pooled, t, eps
 
@@ -128,7 +137,8 @@ def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_
         return warmup_cosine_lr(step, config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio)
 
     def loss_fn(step: int):
-        batch = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout)
+        batch = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout,
+                                time_shift=config.flow_time_shift)
         if config.flow_guidance is None:
             g = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(b, generator=gen)
         else:

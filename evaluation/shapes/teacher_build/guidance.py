@@ -52,7 +52,8 @@ def run_guidance_distillation(student, teacher, text: FrozenText, latents, capti
                                 config.distill_learning_rate, config.min_lr_ratio)
 
     def loss_fn(step: int):
-        x0, enc, pooled, t, eps = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout)
+        x0, enc, pooled, t, eps = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout,
+                                                  time_shift=config.flow_time_shift)
         lo, hi = config.distill_guidance_min, config.distill_guidance_max
         w = lo + (hi - lo) * torch.rand(b, generator=gen)
         tb = t[:, None, None]
