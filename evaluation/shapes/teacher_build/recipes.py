@@ -79,11 +79,11 @@ class TeacherConfig:
     text_pretrain_steps: int = 0
     text_pretrain_batch_size: int = 64
     text_pretrain_learning_rate: float = 1e-3
-    # evaluation of the stored teacher (held-out prompts)
     #: Shift of the training flow times (flow matching and guidance distillation), t ↦ s·t / (1 + (s − 1)·t):
     #: SD3's timestep shift. s > 1 draws more of the high-noise times where the layout is decided (the v4
     #: relation-swap gap peaks at t = 0.9); 1 draws them unshifted, as v1–v5 did (bit-identically).
     flow_time_shift: float = 1.0
+    # evaluation of the stored teacher (held-out prompts)
     eval_prompts_per_tag: int = 8
     eval_samples: int = 2
     eval_steps: int = 28
