@@ -63,7 +63,9 @@ def sample_flow_times(batch: int, generator, shift: float = 1.0) -> "torch.Tenso
 
 def shift_flow_times(t: "torch.Tensor", shift: float) -> "torch.Tensor":
     """SD3's timestep shift t ↦ s·t / (1 + (s − 1)·t): monotone, fixes 0 and 1, moves the median time 1/2 to
-    s / (1 + s). ``shift`` 1 returns ``t`` itself (so unshifted builds stay bit-identical)."""
+    s / (1 + s). It adds log s to logit(t): diffusers' ``time_shift(μ = log s, 1, t)``, the shift that
+    ``training.rescale``'s ``flux_shift`` sampling applies inside its logit-normal draw; here it acts on this
+    builder's half-uniform mixture too. ``shift`` 1 returns ``t`` itself (so unshifted builds stay bit-identical)."""
     if shift == 1.0:
         return t
     return shift * t / (1 + (shift - 1) * t)
