@@ -230,7 +230,7 @@ def finetune(pipe, data: PilotData, steps: int, learning_rate: float, tag_weight
 
     def loss_fn(step: int):
         drawn = draw_flow_batch(gen, data.latents, data.caption_index, text, batch, data.config.caption_dropout,
-                                weights)
+                                weights, data.config.flow_time_shift)
         return flow_matching_loss(transformer, drawn, guidance, data.txt_ids, data.img_ids)
 
     result = optimise("finetune", {"transformer": transformer}, loss_fn, steps,
@@ -322,7 +322,9 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     tune.add_argument("--placement_from", default=None,
                       help="the build's text.pt: first teach the encoders per-token placement (see teach_placement)")
     tune.add_argument("--placement_steps", type=int, default=1000, help="steps of that placement pretraining")
-    tune.add_argument("--recipe", default="v4", help="teacher recipe whose training rows and batch size are used")
+    tune.add_argument("--recipe", default="v4",
+                      help="teacher recipe whose training rows, batch size and flow-time shift are used (the pilots "
+                           "of docs/toy_benchmark/teacher_diagnosis.md ran on v4)")
     tune.add_argument("--cfg", type=float, default=4.0, help="true CFG scale of the scored samples")
     return p.parse_args(argv)
 
