@@ -332,6 +332,31 @@ def test_v6_is_v4_with_shifted_flow_times():
         replace(v4, flow_time_shift=0.0).validate()
 
 
+def test_v7_is_v6_with_tag_weighted_flow_rows():
+    """v7 draws position rows 4x and counting rows 2x in flow matching; the build reads each row's tag from its
+    metadata; no weights (v1–v6) keeps the uniform draw, and older build infos keep their key."""
+    import json
+
+    from evaluation.shapes.teacher_build.build import _row_weights
+
+    v6, v7 = T.teacher_recipe("v6"), T.teacher_recipe("v7")
+    assert v7.flow_tag_weights == {"position": 4.0, "counting": 2.0} and v6.flow_tag_weights == {}
+    assert {k: v for k, v in v7.to_dict().items() if k != "flow_tag_weights"} == {
+        k: v for k, v in v6.to_dict().items() if k != "flow_tag_weights"}
+    old = {k: v for k, v in v6.to_dict().items() if k != "flow_tag_weights"}
+    assert T._config_key(old) == T._config_key(v6.to_dict()) != T._config_key(v7.to_dict())
+    rows = [{"metadata": json.dumps({"tag": tag})} for tag in ("position", "counting", "colors", "position")]
+    assert _row_weights(rows, v7).tolist() == [4.0, 2.0, 1.0, 4.0]
+    assert _row_weights(rows, v6) is None
+    with pytest.raises(ValueError, match="unknown tags \\['postion'\\]"):
+        replace(v6, flow_tag_weights={"postion": 2.0}).validate()
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        replace(v6, flow_tag_weights={"position": -1.0}).validate()
+    with pytest.raises(ValueError, match="some tag > 0"):
+        replace(v6, flow_tag_weights={tag: 0.0 for tag in ("single_object", "two_object", "counting", "colors",
+                                                          "position", "color_attr")}).validate()
+
+
 @pytest.mark.slow
 def test_v3_build_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     config = replace(T.teacher_recipe("v3"), num_images=24, vae_steps=2, vae_batch_size=4, steps=4, batch_size=4,

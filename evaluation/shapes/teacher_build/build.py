@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from evaluation.shapes.teacher_build.common import (BUILD_INFO_NAME, UNCONDITIONAL_PROMPT, PathLike,
                                                     images_from_rows)
-from evaluation.shapes.teacher_build.flow import adaln_zero_init, encode_latents, run_flow_matching
+from evaluation.shapes.teacher_build.flow import adaln_zero_init, encode_latents, run_flow_matching, tag_row_weights
 from evaluation.shapes.teacher_build.guidance import run_guidance_distillation
 from evaluation.shapes.teacher_build.optim import Budget
 from evaluation.shapes.teacher_build.recipes import TeacherConfig, config_key, teacher_recipe, tiny_flux_config
@@ -74,6 +74,13 @@ class _TrainingSet:
     caption_index: Any
     txt_ids: Any
     img_ids: Any
+
+
+def _row_weights(rows: list, config: TeacherConfig):
+    """Flow matching's draw weight of each training row from its tag (None: uniform rows)."""
+    if not config.flow_tag_weights:
+        return None
+    return tag_row_weights([json.loads(r["metadata"])["tag"] for r in rows], config.flow_tag_weights)
 
 
 def build_teacher(output_dir: PathLike, config: Optional[TeacherConfig] = None, progress: bool = True,
@@ -233,7 +240,8 @@ def _flow_matching_stage(build: _Build, pipe, data: _TrainingSet) -> tuple[Optio
         else:
             text = frozen_text(data.conditioner, data.unique, build.progress)
         flow = run_flow_matching(modules, text, data.latents, data.caption_index, data.txt_ids, data.img_ids, config,
-                                 build.checkpoint("flow.pt"), build.budget, build.progress, build.log)
+                                 build.checkpoint("flow.pt"), build.budget, build.progress, build.log,
+                                 _row_weights(data.rows, config))
     if not flow.done:
         return paused_report(build.state, "flow_matching", flow), flow.history
     for key, module in modules.items():

@@ -121,13 +121,15 @@ def flow_matching_loss(transformer, batch: tuple, guidance: "torch.Tensor", txt_
 
 def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_ids, config: TeacherConfig,
                       checkpoint: Optional[Path] = None, budget: Optional[Budget] = None, progress: bool = True,
-                      log: Optional[Callable[[dict], None]] = None) -> StageResult:
+                      log: Optional[Callable[[dict], None]] = None,
+                      row_weights: Optional["torch.Tensor"] = None) -> StageResult:
     """Flow matching of ``modules["transformer"]`` (and of the text encoders in ``modules`` when ``text`` is a
     :class:`TrainableText`); see the module doc for the objective.
 
     The stock forward takes ``timestep`` = flow time t ∈ [0, 1] and multiplies it (and the guidance) by
     1000 itself, exactly as ``FluxPipeline`` calls it. LR: linear warm-up, cosine decay to
-    ``min_lr_ratio``·lr.
+    ``min_lr_ratio``·lr. ``row_weights``: draw weight of each training row (None: uniform;
+    :func:`tag_row_weights` of ``config.flow_tag_weights``).
     """
     import torch
 
@@ -139,8 +141,8 @@ def run_flow_matching(modules: dict, text, latents, caption_index, txt_ids, img_
         return warmup_cosine_lr(step, config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio)
 
     def loss_fn(step: int):
-        batch = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout,
-                                time_shift=config.flow_time_shift)
+        batch = draw_flow_batch(gen, latents, caption_index, text, b, config.caption_dropout, row_weights,
+                                config.flow_time_shift)
         if config.flow_guidance is None:
             g = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(b, generator=gen)
         else:

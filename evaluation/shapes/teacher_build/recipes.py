@@ -1,10 +1,12 @@
-"""What a teacher build is: :class:`TeacherConfig`, the named recipes and the keys that tell whether two
+"""What a teacher build is: :class:`TeacherConfig`, the named recipes v1–v7 and the keys that tell whether two
 configs give the same weights (or the same VAE)."""
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
+
+from evaluation.shapes.domain import TAGS
 
 
 def default_flux_config():
@@ -83,6 +85,10 @@ class TeacherConfig:
     #: SD3's timestep shift. s > 1 draws more of the high-noise times where the layout is decided (the v4
     #: relation-swap gap peaks at t = 0.9); 1 draws them unshifted, as v1–v5 did (bit-identically).
     flow_time_shift: float = 1.0
+    #: Draw weights of the training rows in flow matching by GenEval tag, e.g. {"position": 4, "counting": 2}
+    #: (tags not named weigh 1; empty: uniform rows, as v1–v6 drew them, bit-identically). The position pilots
+    #: (teacher_diagnosis.md, run B) fine-tuned with these weights; guidance distillation keeps uniform rows.
+    flow_tag_weights: dict = field(default_factory=dict)
     # evaluation of the stored teacher (held-out prompts)
     eval_prompts_per_tag: int = 8
     eval_samples: int = 2
@@ -104,6 +110,13 @@ class TeacherConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        weights = {tag: self.flow_tag_weights.get(tag, 1.0) for tag in TAGS}
+        if set(self.flow_tag_weights) - set(TAGS):
+            raise ValueError(f"flow_tag_weights names unknown tags {sorted(set(self.flow_tag_weights) - set(TAGS))}; "
+                             f"known: {list(TAGS)}")
+        if not all(0 <= w < float("inf") for w in weights.values()) or not any(weights.values()):
+            raise ValueError("flow_tag_weights must be finite and >= 0, with some tag > 0; "
+                             f"got {self.flow_tag_weights}")
         if not self.flow_time_shift > 0:
             raise ValueError(f"flow_time_shift must be > 0, got {self.flow_time_shift}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -136,7 +149,9 @@ class TeacherConfig:
 #: v6: v4 with training flow times shifted towards high noise (flow_time_shift 3), where the layout is decided.
 #: Measured 2026-12-06: its denoiser reads the relation (swap gap 4.6 % at t = 0.9, v4 0.8 %), position +16 points
 #: over v4 on the same images, overall not separated (+1.9); committed since (docs/toy_benchmark/teacher_diagnosis.md).
-RECIPES = ("v1", "v2", "v3", "v4", "v5", "v6")
+#: v7: v6 drawing position rows 4 times and counting rows twice as often in flow matching (the weights of the
+#: position pilots' run B), now that v6's denoiser reads the relation. Building since 2026-12-06.
+RECIPES = ("v1", "v2", "v3", "v4", "v5", "v6", "v7")
 #: The recipe of the teacher committed in assets/shapes_teacher (what ``--rebuild_teacher`` remakes).
 COMMITTED_RECIPE = "v6"
 
@@ -158,6 +173,8 @@ def teacher_recipe(name: str = COMMITTED_RECIPE) -> TeacherConfig:
                                  "axes_dims_rope": [8, 28, 28]})
     if name == "v6":  # like v5, v4's text.pt and VAE carry over (the shift acts from flow matching on)
         return replace(teacher_recipe("v4"), flow_time_shift=3.0)
+    if name == "v7":  # v6's text.pt and VAE carry over (the weights act from flow matching on)
+        return replace(teacher_recipe("v6"), flow_tag_weights={"position": 4.0, "counting": 2.0})
     raise ValueError(f"unknown teacher recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
