@@ -110,11 +110,11 @@ class TeacherConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        weights = {tag: self.flow_tag_weights.get(tag, 1.0) for tag in TAGS}
-        if set(self.flow_tag_weights) - set(TAGS):
-            raise ValueError(f"flow_tag_weights names unknown tags {sorted(set(self.flow_tag_weights) - set(TAGS))}; "
-                             f"known: {list(TAGS)}")
-        if not all(0 <= w < float("inf") for w in weights.values()) or not any(weights.values()):
+        unknown = sorted(set(self.flow_tag_weights) - set(TAGS))
+        if unknown:
+            raise ValueError(f"flow_tag_weights names unknown tags {unknown}; known: {list(TAGS)}")
+        weights = [self.flow_tag_weights.get(tag, 1.0) for tag in TAGS]  # tags not named weigh 1
+        if not all(0 <= w < float("inf") for w in weights) or not any(weights):
             raise ValueError("flow_tag_weights must be finite and >= 0, with some tag > 0; "
                              f"got {self.flow_tag_weights}")
         if not self.flow_time_shift > 0:
