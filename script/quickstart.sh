@@ -2,7 +2,7 @@
 # The README's first command: set up .venv, then distil the embedded tiny default end to end on CPU
 # (no GPU, no downloads) and compare the students with their teacher:
 #   the cached shapes-world FLUX teacher (assets/shapes_teacher: a tiny FluxPipeline trained on
-#   procedurally drawn shapes; rebuilt by a seeded script if missing, about 50 min)
+#   procedurally drawn shapes; rebuilt by a seeded script if missing, about 2.5 h on one core)
 #   → train_rescale.py (time input x1000 → x1) → train_sCM.py and train_meanflow.py
 #   → test_flux8b.py / test_sCM.py / test_meanflow.py on held-out GenEval-style prompts
 #   → shapes scorer → OUT/table.md, OUT/grid.png, OUT/plot.png, OUT/results.json.

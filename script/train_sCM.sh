@@ -13,7 +13,7 @@ shift $(( $# < 5 ? $# : 5 ))
 MODEL_NAME="${MODEL_NAME:-Freepik/flux.1-lite-8B}"
 source "$ROOT/script/_ds_args.sh"
 # Gradient clipping 1.0 = what the release's runs (and so the paper's numbers) actually used: its scripts pass
-# --max_grad_norm 1.0, but under DeepSpeed accelerate's clip_grad_norm_ is a no-op and the config's "auto" clipping
+# --max_grad_norm 0.1, but under DeepSpeed accelerate's clip_grad_norm_ is a no-op and the config's "auto" clipping
 # resolved to 1.0. We write the flag into the DeepSpeed config, so passing 0.1 here would really clip at 0.1, a
 # different optimisation. The same 1.0 is used with DS_FILE=none (plain DDP): the release only ever ran DeepSpeed,
 # so 1.0 is its effective clip whatever the backend. An explicit --max_grad_norm among the extra flags wins.

@@ -736,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"reduced run (about 10 min on 2 cores with the cached teacher): {QUICK}")
     p.add_argument("--teacher_dir", default=str(DEFAULT_TEACHER_DIR),
                    help="teacher pipeline folder; reused when it exists, else built there")
-    p.add_argument("--rebuild_teacher", action="store_true", help="rebuild the teacher (about 50 min on 2 cores)")
+    p.add_argument("--rebuild_teacher", action="store_true", help="rebuild the teacher with the committed recipe (about 2.5 h on one core)")
     p.add_argument("--fresh", action="store_true", help="redo every stage even when OUTPUT_DIR has it finished")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per stage (OMP_NUM_THREADS); default: $OMP_NUM_THREADS or 1")
