@@ -387,7 +387,7 @@ def test_benchmark_end_to_end_on_a_micro_teacher(tmp_path):
 
 def test_cached_teacher_is_current_and_its_vae_keeps_the_scene():
     """The committed teacher must be the one the build script makes today (else ensure_teacher would
-    silently spend ~50 min rebuilding it), load offline through diffusers' FluxPipeline, and carry a
+    silently spend ~2.5 h rebuilding it), load offline through diffusers' FluxPipeline, and carry a
     VAE whose reconstructions of fresh held-out images still satisfy their prompts."""
     import torch
     from diffusers import FluxPipeline

@@ -43,8 +43,9 @@ caption dropout, so classifier-free guidance works; then **guidance distillation
 Recipe v3 first pretrains the text encoders to parse the captions (:func:`run_text_pretraining`): the
 joint training of v2 alone separated words but not binding after hundreds of steps. Recipe v4 then
 keeps them frozen during flow matching (as FLUX's): joint training undid the pretrained binding. Recipe v5
-widens the RoPE axes (measured worse); recipe v6, the committed teacher's, is v4 with the training flow times
-shifted towards high noise (``flow_time_shift`` 3), where the layout, and so the relation word, is decided.
+widens the RoPE axes (measured worse); recipe v6 is v4 with the training flow times shifted towards high noise
+(``flow_time_shift`` 3), where the layout, and so the relation word, is decided; recipe v7, the committed
+teacher's, is v6 drawing position rows 4 times and counting rows twice as often in flow matching.
 
 Long builds run in resumable stages: with ``state_dir`` every stage keeps its state there and a
 ``Budget`` (``--max_minutes``) stops a call early; the same call again continues bit-identically.
@@ -61,7 +62,7 @@ the command line and re-exports the public API (and the helpers that tests and d
 Command line::
 
     python -m evaluation.shapes.teacher --output_dir assets/shapes_teacher [--seed 0] [--threads 2]
-    python -m evaluation.shapes.teacher --recipe v6 --output_dir OUT --state_dir STATE --max_minutes 80 \
+    python -m evaluation.shapes.teacher --recipe v7 --output_dir OUT --state_dir STATE --max_minutes 80 \
         --reuse_vae_from assets/shapes_teacher      # repeat until it prints "built teacher"
 """
 from __future__ import annotations
@@ -164,7 +165,7 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                     "text encoders (random and frozen in recipe v1; trained with the transformer in v2; in v3 first "
                     "pretrained to parse the captions; from v4 on pretrained, then frozen), a FluxTransformer2DModel "
                     "trained by flow matching (from v2 on: with caption dropout, then guidance-distilled as FLUX-dev; "
-                    "v6: flow times shifted towards high noise). Writes a FluxPipeline folder with "
+                    "v6: flow times shifted towards high noise; v7: position and counting rows drawn more often). Writes a FluxPipeline folder with "
                     f"{BUILD_INFO_NAME} (timings, VAE reconstruction check, held-out score). Long builds run in "
                     "stages: give --state_dir and --max_minutes, and run the same command again to continue.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
