@@ -278,6 +278,36 @@ def test_benchmark_cli_rejects_bad_flags(capsys):
     assert "scm_steps must be >= 1" in capsys.readouterr().err
 
 
+def _rescale_args(tmp_path: Path, config: B.BenchmarkConfig):
+    import train_rescale
+
+    stages = B.Stages(B.Runner(tmp_path, threads=1, echo=False), config, tmp_path, tmp_path / "teacher", {},
+                      tmp_path / "heldout.jsonl", [], tmp_path / "rescale" / "rescaled.pt")
+    return train_rescale.parse_args([str(a) for a in B.render_flags(B.rescale_flags(stages))])
+
+
+def test_rescale_stage_runs_the_chosen_lr_schedule(tmp_path):
+    """The full run's rescale decays the LR as cos to 0 with no warm-up (the trainers' default warm-up of 500
+    would swallow a fifth of it); the quick run keeps the constant LR it was measured with."""
+    import torch
+
+    from training.launch import build_optimizer
+
+    full = B.config_from_args(B.build_parser().parse_args(["--output_dir", str(tmp_path)]))
+    args = _rescale_args(tmp_path, full)
+    assert (args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps) == ("cosine", 0, full.rescale_steps)
+    optimizer, scheduler = build_optimizer(args, torch.nn.Linear(1, 1))
+    n, peak = args.max_train_steps, full.rescale_learning_rate
+    for step in range(n):
+        expected = peak * 0.5 * (1 + math.cos(math.pi * step / n))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12), step
+        optimizer.step()
+        scheduler.step()
+    quick = B.config_from_args(B.build_parser().parse_args(["--output_dir", str(tmp_path), "--quick"]))
+    args = _rescale_args(tmp_path, quick)
+    assert (args.lr_scheduler, args.max_train_steps) == ("constant", B.QUICK["rescale_steps"])
+
+
 # --------------------------------------------------------------------------------------------
 # Teacher
 

@@ -89,10 +89,13 @@ class BenchmarkConfig:
     teacher_nfes: tuple[int, ...] = (1, 2, 4, 28)
     rescaled_nfes: tuple[int, ...] = (28,)
     student_nfes: tuple[int, ...] = (1, 2, 4)
-    # teacher rescaling (train_rescale.py)
-    rescale_steps: int = 400
+    # teacher rescaling (train_rescale.py); chosen on the validation prompts (docs/toy_benchmark/rescale_sweep.md):
+    # 2400 steps decayed to 0 keep the teacher's score where 400 constant-LR steps lost position
+    rescale_steps: int = 2400
     rescale_batch_size: int = 16
     rescale_learning_rate: float = 3e-4
+    #: LR schedule of the rescale run: "cosine" (decays to 0 at the last step, no warm-up) or "constant".
+    rescale_lr_scheduler: str = "cosine"
     # sCM (train_sCM.py)
     scm_steps: int = 600
     scm_batch_size: int = 16
@@ -129,6 +132,9 @@ class BenchmarkConfig:
             raise ValueError("teacher_nfes must not be empty")
         if not 0.0 <= self.scm_tangent_warmup_fraction <= 1.0:
             raise ValueError("scm_tangent_warmup_fraction must be in [0, 1]")
+        if self.rescale_lr_scheduler not in RESCALE_LR_SCHEDULERS:
+            raise ValueError(f"rescale_lr_scheduler must be one of {', '.join(RESCALE_LR_SCHEDULERS)}, "
+                             f"got {self.rescale_lr_scheduler!r}")
         if self.prompt_set not in PROMPT_FILES:
             raise ValueError(f"prompt_set must be one of {', '.join(PROMPT_FILES)}, got {self.prompt_set!r}")
         if self.scm_lr_warmup_steps < 0 or self.meanflow_lr_warmup_steps < 0:
@@ -140,13 +146,17 @@ class BenchmarkConfig:
         return max(self.teacher_nfes)
 
 
+#: LR schedules of the rescale stage (``train_rescale.py --lr_scheduler``, without warm-up).
+RESCALE_LR_SCHEDULERS = ("cosine", "constant")
 #: The metadata file (in ``OUT/data``) of each prompt set (see ``BenchmarkConfig.prompt_set``).
 PROMPT_FILES = {"report": "heldout_metadata.jsonl", "validation": "validation_metadata.jsonl"}
 
 #: ``--quick``: the cached teacher, short trainings, 204 images a row (34 held-out prompts × 6 tags, enough
 #: for 95 % intervals that separate the models), about 10 min on 2 cores.
-QUICK = dict(num_images=1000, heldout_prompts_per_tag=34, n_samples=1, rescale_steps=100, scm_steps=150,
-             meanflow_steps=150, grid_prompts=6)
+#: Its 100 rescale steps keep a constant LR: on the validation prompts a cosine decay over 100 steps scored no
+#: better (28.3 vs 30.5, docs/toy_benchmark/rescale_sweep.md), and the quick run has no minutes for 2400.
+QUICK = dict(num_images=1000, heldout_prompts_per_tag=34, n_samples=1, rescale_steps=100,
+             rescale_lr_scheduler="constant", scm_steps=150, meanflow_steps=150, grid_prompts=6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,12 +586,20 @@ def prepare_stages(out: Path, config: BenchmarkConfig, teacher_dir: Path, rebuil
                expect=[data / "train.parquet", prompts])
     stages = Stages(runner, config, out, teacher_dir, read_build_info(teacher_dir) or {}, prompts,
                     read_metadata(prompts), out / "rescale" / "rescaled.pt")
-    flags = {**stages.train_flags(), "--output_dir": out / "rescale", "--train_batch_size": config.rescale_batch_size,
-             "--learning_rate": config.rescale_learning_rate, "--max_train_steps": config.rescale_steps,
-             "--checkpointing_steps": config.rescale_steps, "--objective": "self_distill", "--guidance_min": 1.0,
-             "--guidance_max": 5.0}
-    runner.run("rescale", [py, "train_rescale.py", *render_flags(flags)], expect=[stages.rescaled])
+    runner.run("rescale", [py, "train_rescale.py", *render_flags(rescale_flags(stages))], expect=[stages.rescaled])
     return stages
+
+
+def rescale_flags(stages: Stages) -> Flags:
+    """The benchmark's ``train_rescale.py`` flags: self-distillation into ``OUT/rescale`` on its schedule."""
+    c = stages.config
+    flags = {**stages.train_flags(), "--output_dir": stages.out / "rescale", "--train_batch_size": c.rescale_batch_size,
+             "--learning_rate": c.rescale_learning_rate, "--max_train_steps": c.rescale_steps,
+             "--checkpointing_steps": c.rescale_steps, "--objective": "self_distill", "--guidance_min": 1.0,
+             "--guidance_max": 5.0}
+    if c.rescale_lr_scheduler != "constant":  # a constant-LR command stays as before (its finished stage is reused)
+        flags.update({"--lr_scheduler": c.rescale_lr_scheduler, "--lr_warmup_steps": 0})
+    return flags
 
 
 #: The trainer script of each student method.
@@ -758,6 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, full in (("rescale_learning_rate", d.rescale_learning_rate), ("scm_learning_rate", d.scm_learning_rate),
                        ("meanflow_learning_rate", d.meanflow_learning_rate)):
         p.add_argument(f"--{name}", type=float, default=None, help=f"learning rate (full: {full})")
+    p.add_argument("--rescale_lr_scheduler", choices=RESCALE_LR_SCHEDULERS, default=None,
+                   help=f"LR schedule of the rescale run, without warm-up (full: {d.rescale_lr_scheduler}, "
+                        f"quick: {QUICK['rescale_lr_scheduler']})")
     for name in ("scm_lr_warmup_steps", "meanflow_lr_warmup_steps"):
         p.add_argument(f"--{name}", type=int, default=None,
                        help="LR warm-up steps (> 0: constant_with_warmup schedule; full: 0, the release's constant LR)")
@@ -778,7 +799,8 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     for name in ("num_images", "heldout_prompts_per_tag", "n_samples", "teacher_nfes", "student_nfes",
                  "rescaled_nfes", "rescale_steps", "scm_steps", "meanflow_steps", "rescale_batch_size",
                  "scm_batch_size", "meanflow_batch_size", "rescale_learning_rate", "scm_learning_rate",
-                 "meanflow_learning_rate", "scm_lr_warmup_steps", "meanflow_lr_warmup_steps", "grid_prompts"):
+                 "meanflow_learning_rate", "rescale_lr_scheduler", "scm_lr_warmup_steps", "meanflow_lr_warmup_steps",
+                 "grid_prompts"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
