@@ -7,7 +7,7 @@
 #   --ablations: also train and score one-option variants of the students (docs/toy_benchmark/ablations.md),
 #   into OUT/ablations/; `all` adds about 130 core-minutes (14 trainings) to the full run: 2-2.5 h on 2 cores.
 #   OUT defaults to outputs/toy_benchmark (outputs/toy_benchmark_quick with --quick).
-#   Full run: about 20 min on 2 cores (25 min on one core at one thread; 408 images a row); --quick: about 10 min on 2 cores. Re-running OUT skips finished stages
+#   Full run: about 26 min on 2 cores (about 40 min on one core at one thread, estimated from stage times; 408 images a row); --quick: about 10 min on 2 cores. Re-running OUT skips finished stages
 #   (--fresh redoes them); --rebuild_teacher retrains the teacher too (about 2.5 h more on one core).
 # Environment: OMP_NUM_THREADS (threads per stage; default: all cores, at most 4).
 set -euo pipefail
